@@ -536,6 +536,6 @@ def resolve_wire(
         result = resolve(request, view, config, rng, transport)
         if isinstance(result, Forward):
             return result
-        return result.pack()
+        return bytes(result.pack())
     except Exception:
         return _header_reply(data, RCODE.SERVFAIL)
