@@ -1,0 +1,218 @@
+"""Process assembly: build the agent's pieces from its config, serve them, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from lictor import __version__
+from lictor.config import AgentConfig
+from lictor.errors import APIError
+from lictor.httpapi import empty_ok, guarded, json_response, method_not_allowed
+
+log = logging.getLogger("lictor")
+
+
+class NotReadyMiddleware:
+    """Until consensus is up, only the cluster-formation endpoints answer; the rest get 500."""
+
+    def __init__(self, app: Any, is_ready: Any) -> None:
+        self.app = app
+        self.is_ready = is_ready
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not self.is_ready() and not scope["path"].startswith("/v1/internal/"):
+            response = PlainTextResponse("No cluster leader", status_code=500)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class Agent:
+    """One `lictor agent` process. Servers hold the replicated state; clients forward to them."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.app = Starlette(exception_handlers={405: method_not_allowed, 404: method_not_allowed})
+        self.server: Any = None
+        self.local: Any = None
+        self.extras: list[Any] = []  # DNS server, proxies ...: objects with async stop()
+        self._uvicorn: uvicorn.Server | None = None
+        self._ready = False
+        self.shutdown = asyncio.Event()
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    async def run(self) -> None:
+        config = self.config
+        self.app.router.routes.extend(
+            [
+                Route("/v1/agent/self", guarded(self.agent_self), methods=["GET"]),
+                Route("/v1/agent/members", guarded(self.agent_members), methods=["GET"]),
+                Route("/v1/agent/leave", guarded(self.agent_leave), methods=["PUT"]),
+            ]
+        )
+        if config.server:
+            from lictor.registry.server import ServerAgent
+
+            self.server = ServerAgent(config)
+            self.app.router.routes.extend(self.server.routes())
+        asgi = NotReadyMiddleware(self.app, self.is_ready)
+        uv_config = uvicorn.Config(
+            asgi, host=config.client, port=config.http_port, log_level="warning", lifespan="off",
+            access_log=False, timeout_keep_alive=30, loop="none",
+        )
+        self._uvicorn = uvicorn.Server(uv_config)
+        self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        serve_task = asyncio.create_task(self._uvicorn.serve())
+        for _ in range(100):
+            if self._uvicorn.started or serve_task.done():
+                break
+            await asyncio.sleep(0.05)
+        if serve_task.done():
+            serve_task.result()
+            raise SystemExit(f"HTTP server failed to start on {config.http_addr}")
+        print(f"==> Lictor agent running: node {config.node!r}, datacenter {config.datacenter!r}", flush=True)
+        print(f"    HTTP API: http://{config.http_addr}", flush=True)
+        try:
+            if self.server is not None:
+                await self.server.start_consensus()
+                self.app.router.routes.extend(self.server.api.routes())
+                print(f"    Raft: {config.raft_addr} ({'in-memory' if config.dev else config.data_dir})", flush=True)
+            await self._start_local_agent()
+            self._ready = True
+            print("==> Agent ready", flush=True)
+            stop_wait = asyncio.create_task(self.shutdown.wait())
+            await asyncio.wait({serve_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await self.close()
+            self._uvicorn.should_exit = True
+            try:
+                await asyncio.wait_for(serve_task, 5)
+            except (TimeoutError, asyncio.CancelledError, Exception):
+                pass
+
+    async def _start_local_agent(self) -> None:
+        try:
+            from lictor.agent.local import attach_local_agent
+        except ImportError:
+            return
+        await attach_local_agent(self)
+
+    async def close(self) -> None:
+        for extra in reversed(self.extras):
+            try:
+                await extra.stop()
+            except Exception:
+                log.exception("error stopping %r", extra)
+        if self.local is not None:
+            await self.local.close()
+        if self.server is not None:
+            await self.server.close()
+
+    # -- agent endpoints every agent serves ------------------------------------------------------
+
+    def member_self(self) -> dict[str, Any]:
+        from lictor.registry.server import member_entry
+
+        config = self.config
+        role = "consul" if config.server else "node"
+        return member_entry(config.node, config.bind, 8301, role, config.datacenter, 1, {})
+
+    async def agent_self(self, request: Request) -> Response:
+        config = self.config
+        stats: dict[str, dict[str, str]] = {"agent": {"checks": "0", "services": "0"}, "build": {"version": __version__}}
+        raft: dict[str, Any] = {}
+        if self.server is not None and self.server.log is not None:
+            raft = self.server.log.status()
+            stats["raft"] = {k: str(v) for k, v in raft.items()}
+            healthy, reason = self.server.log.health()
+            stats["raft"]["healthy"] = str(healthy).lower()
+            stats["raft"]["health_reason"] = reason
+        if self.local is not None:
+            stats["agent"] = self.local.stats()
+        member = self.member_self()
+        if self.server is not None and self.server.log is not None:
+            for entry in self.server.members():
+                if entry["Name"] == config.node:
+                    member = entry
+        return json_response(
+            {
+                "Config": {
+                    "Datacenter": config.datacenter,
+                    "PrimaryDatacenter": config.datacenter,
+                    "NodeName": config.node,
+                    "NodeID": self.local.node_id if self.local is not None else "",
+                    "Revision": "lictor",
+                    "Server": config.server,
+                    "Version": __version__,
+                    "BuildDate": "2026-11-25T00:00:00Z",
+                },
+                "DebugConfig": {"DataDir": config.data_dir, "DevMode": config.dev, "HTTPAddr": config.http_addr,
+                                "RaftAddr": config.raft_addr if config.server else "", "DNSPort": config.dns_port},
+                "Coord": None,
+                "Member": member,
+                "Stats": stats,
+                "Meta": dict(config.node_meta),
+            }
+        )
+
+    async def agent_members(self, request: Request) -> Response:
+        if request.query_params.get("wan") not in (None, "", "0", "false", "False"):
+            return json_response([self.member_self()] if self.config.server else [])
+        if self.server is not None and self.server.log is not None:
+            return json_response(self.server.members())
+        if self.local is not None:
+            return json_response(await self.local.members())
+        return json_response([self.member_self()])
+
+    async def agent_leave(self, request: Request) -> Response:
+        if self.server is not None and self.server.log is not None:
+            await self.server.leave()
+        if self.local is not None:
+            await self.local.leave()
+        asyncio.get_running_loop().call_later(0.2, self.shutdown.set)
+        return empty_ok()
+
+
+def run_agent(config: AgentConfig) -> int:
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pysyncobj").setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but stay runnable without it
+        pass
+
+    async def main() -> None:
+        agent = Agent(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, agent.shutdown.set)
+        await agent.run()
+
+    try:
+        asyncio.run(main())
+    except APIError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

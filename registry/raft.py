@@ -1,0 +1,475 @@
+"""Consensus behind one small interface: a replicated log (pysyncobj) and an in-memory one (dev).
+
+pysyncobj is used only through `RaftLog`, which fixes what `shared/raft-engine.md` measured:
+- one replicated entry point taking an encoded, typed command (method ids never shift);
+- apply never raises and reads no clock (the state machine guarantees it; time is in the command);
+- every command carries a request id, so resubmitting after an unknown outcome is safe;
+- the cluster key is always set (without it the Raft port unpickles whatever a stranger sends);
+- the journal always has its dump file beside it; batching off; timeouts tuned for the GIL;
+- a short leader fallback; `barrier()` is a replicated no-op for `?consistent` reads;
+- a wedge detector (apply stuck below commit, tick-thread exceptions);
+- the journal is msync'ed and its metadata fsync'ed every `flush_interval`, which bounds what a
+  power loss can take to that interval (pysyncobj itself never fsyncs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from lictor.registry.state import Result, StateStore
+
+from lictor.errors import APIError, NoLeader
+
+log = logging.getLogger("lictor.raft")
+
+# Errors after which the command may or may not have committed: resubmit with the same id.
+_RETRYABLE = {2, 3, 4, 5, 7}  # MISSING_LEADER, DISCARDED, NOT_LEADER, LEADER_CHANGED, UNKNOWN_OUTCOME
+_QUEUE_FULL = 1
+
+
+def new_command(op: str, **fields: Any) -> dict[str, Any]:
+    """A command with its request id and proposer timestamp set."""
+    return {"op": op, "rid": uuid.uuid4().hex, "ts": time.time(), **fields}
+
+
+@dataclass
+class RaftSettings:
+    data_dir: str | None
+    self_addr: str
+    peers: list[str]
+    password: str
+    min_timeout: float = 0.8
+    max_timeout: float = 2.0
+    connection_retry: float = 1.0
+    leader_fallback: float = 2.5
+    snapshot_threshold: int = 5000
+    flush_interval: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ChangeFeed:
+    """Wakes blocking queries on the event loop when the state machine applies something.
+
+    `notify` is called from pysyncobj's tick thread; it coalesces bursts into a single wake-up
+    per loop iteration so a write storm cannot flood the loop with callbacks.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.generation = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._pending = False
+        self._lock = threading.Lock()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def notify(self, _index: int = 0) -> None:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        with self._lock:
+            if self._pending:
+                return
+            self._pending = True
+        try:
+            loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._pending = False
+        self.generation += 1
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, generation: int, timeout: float) -> None:
+        """Return when anything changed after `generation` was read, or after `timeout`."""
+        if self.generation != generation or timeout <= 0:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            pass
+
+
+class ConsensusLog:
+    """What the HTTP layer needs from consensus. Addresses are Raft `host:port` strings."""
+
+    store: StateStore
+    feed: ChangeFeed
+    self_addr: str
+
+    async def start(self) -> None: ...
+
+    async def submit(self, command: dict[str, Any], timeout: float = 5.0) -> Any:
+        raise NotImplementedError
+
+    async def barrier(self, timeout: float = 5.0) -> None:
+        await self.submit(new_command("noop"), timeout)
+
+    def leader(self) -> str | None:
+        raise NotImplementedError
+
+    def is_leader(self) -> bool:
+        return self.leader() == self.self_addr
+
+    def peers(self) -> list[str]:
+        raise NotImplementedError
+
+    def last_contact_ms(self) -> int:
+        return 0
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def health(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    async def add_peer(self, addr: str) -> None:
+        raise APIError("membership changes need a clustered server", 400)
+
+    async def remove_peer(self, addr: str) -> None:
+        raise APIError("membership changes need a clustered server", 400)
+
+    async def transfer_leadership(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _unwrap(result: Result) -> Any:
+    if result.get("ok"):
+        return result.get("value")
+    raise APIError(result.get("error", "command failed"), int(result.get("status", 500)))
+
+
+class LocalLog(ConsensusLog):
+    """`-dev`: one in-memory node that applies commands directly. Same semantics, no quorum."""
+
+    def __init__(self, self_addr: str = "127.0.0.1:8300") -> None:
+        self.self_addr = self_addr
+        self.store = StateStore()
+        self.feed = ChangeFeed()
+        self.store.listeners.append(self.feed.notify)
+
+    async def start(self) -> None:
+        self.feed.bind(asyncio.get_running_loop())
+
+    async def submit(self, command: dict[str, Any], timeout: float = 5.0) -> Any:
+        command.setdefault("rid", uuid.uuid4().hex)
+        command.setdefault("ts", time.time())
+        # Round-trip through JSON exactly as the replicated path does, so dev mode cannot
+        # accept a command a cluster would fail to encode.
+        return _unwrap(self.store.apply(json.loads(json.dumps(command))))
+
+    def leader(self) -> str | None:
+        return self.self_addr
+
+    def peers(self) -> list[str]:
+        return [self.self_addr]
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "leader", "term": 1, "commit_index": self.store.index, "last_applied": self.store.index}
+
+
+def _build_replicated(store: StateStore):  # noqa: ANN202 - classes built lazily, pysyncobj is optional in unit tests
+    from pysyncobj import SyncObj, SyncObjConsumer, replicated
+
+    class ReplicatedStore(SyncObjConsumer):
+        """The single replicated entry point. Its method id never changes: there is one."""
+
+        def __init__(self, target: StateStore) -> None:
+            super().__init__()
+            self.store = target
+
+        @replicated
+        def apply_command(self, blob: bytes) -> Result:
+            try:
+                command = json.loads(blob)
+                if not isinstance(command, dict):
+                    raise ValueError("command is not an object")
+            except Exception as exc:  # a garbled entry must not wedge the replica
+                return {"ok": False, "error": f"undecodable command: {exc}", "status": 500}
+            return self.store.apply(command)
+
+        def _deserialize(self, data: dict[str, Any]) -> None:
+            # Restore into the live store so the HTTP layer's references stay valid.
+            incoming = data.get("store")
+            if isinstance(incoming, StateStore):
+                self.store.replace_with(incoming)
+
+    class Node(SyncObj):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # Set before SyncObj.__init__: attributes that exist then are not snapshotted, and the
+            # tick thread it starts reads them.
+            self.tick_errors = 0
+            self.last_tick_error = ""
+            super().__init__(*args, **kwargs)
+
+        def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802,N803 - pysyncobj's names
+            try:
+                super()._onTick(timeToWait)
+            except Exception:
+                self.tick_errors += 1
+                self.last_tick_error = traceback.format_exc(limit=3)
+                raise
+
+    return ReplicatedStore(store), Node
+
+
+class RaftLog(ConsensusLog):
+    def __init__(self, settings: RaftSettings) -> None:
+        if not settings.password:
+            raise ValueError("a cluster key is required: pass -encrypt (generate one with `lictor keygen`)")
+        self.settings = settings
+        self.self_addr = settings.self_addr
+        self.store = StateStore()
+        self.feed = ChangeFeed()
+        self.store.listeners.append(self.feed.notify)
+        self._consumer: Any = None
+        self._node: Any = None
+        self._last_contact = time.monotonic()
+        self._progress = (0, 0, time.monotonic())  # (last_applied, commit_idx, since)
+        self.wedged_reason = ""
+        self._monitor: asyncio.Task[None] | None = None
+        self._flusher: threading.Thread | None = None
+        self._closing = threading.Event()
+
+    async def start(self) -> None:
+        from pysyncobj import SyncObjConf
+
+        loop = asyncio.get_running_loop()
+        self.feed.bind(loop)
+        s = self.settings
+        journal = dump = None
+        if s.data_dir:
+            os.makedirs(s.data_dir, exist_ok=True)
+            journal = os.path.join(s.data_dir, "raft.journal")
+            dump = os.path.join(s.data_dir, "raft.dump")  # always beside the journal
+        conf = SyncObjConf(
+            appendEntriesUseBatch=False,
+            journalFile=journal,
+            fullDumpFile=dump,
+            raftMinTimeout=s.min_timeout,
+            raftMaxTimeout=s.max_timeout,
+            connectionRetryTime=s.connection_retry,
+            leaderFallbackTimeout=s.leader_fallback,
+            dynamicMembershipChange=True,
+            password=s.password,
+            logCompactionMinEntries=s.snapshot_threshold,
+            logCompactionMinTime=300,
+            logCompactionSplit=True,
+            commandsWaitLeader=True,
+            **s.extra,
+        )
+        self._consumer, node_class = _build_replicated(self.store)
+        # SyncObj binds its port and starts its tick thread in the constructor; it must be built
+        # on the main thread, whose liveness its tick thread watches.
+        self._node = node_class(s.self_addr, [p for p in s.peers if p != s.self_addr], conf=conf, consumers=[self._consumer])
+        self._monitor = loop.create_task(self._watch())
+        if journal:
+            self._flusher = threading.Thread(target=self._flush_loop, name="raft-flush", daemon=True)
+            self._flusher.start()
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def submit(self, command: dict[str, Any], timeout: float = 5.0) -> Any:
+        command.setdefault("rid", uuid.uuid4().hex)
+        command.setdefault("ts", time.time())
+        blob = json.dumps(command, separators=(",", ":")).encode()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
+
+            def done(result: Any, error: int, fut: asyncio.Future[tuple[Any, int]] = fut) -> None:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+
+            self._consumer.apply_command(blob, callback=done)
+            remaining = deadline - loop.time()
+            try:
+                result, error = await asyncio.wait_for(fut, max(remaining, 0.001))
+            except TimeoutError:
+                raise NoLeader() if self.leader() is None else APIError(
+                    "timed out waiting for the write to commit; it may still apply", 500
+                ) from None
+            if error == 0:
+                return _unwrap(result)
+            if error == _QUEUE_FULL:
+                raise APIError("Raft queue full, try again", 429)
+            if error in _RETRYABLE and loop.time() < deadline - 0.05:
+                # Same request id: if the first attempt did commit, the state machine answers
+                # with its recorded result instead of applying twice.
+                await asyncio.sleep(0.05)
+                continue
+            raise NoLeader() if error in _RETRYABLE else APIError(f"raft error {error}", 500)
+
+    # -- status -----------------------------------------------------------------------------
+
+    def leader(self) -> str | None:
+        node = self._node
+        if node is None:
+            return None
+        leader = node._getLeader()
+        return str(leader.address) if leader is not None else None
+
+    def peers(self) -> list[str]:
+        node = self._node
+        if node is None:
+            return list(self.settings.peers)
+        return sorted([self.self_addr] + [str(n.address) for n in node.otherNodes])
+
+    def last_contact_ms(self) -> int:
+        if self.is_leader():
+            return 0
+        return int((time.monotonic() - self._last_contact) * 1000)
+
+    def status(self) -> dict[str, Any]:
+        node = self._node
+        if node is None:
+            return {"state": "starting"}
+        raw = node.getStatus()
+        return {
+            "state": {0: "follower", 1: "candidate", 2: "leader"}.get(raw["state"], str(raw["state"])),
+            "term": raw["raft_term"],
+            "leader": self.leader(),
+            "commit_index": raw["commit_idx"],
+            "last_applied": raw["last_applied"],
+            "log_len": raw["log_len"],
+            "has_quorum": raw["has_quorum"],
+            "tick_errors": node.tick_errors,
+            "wedged": self.wedged_reason,
+            "partners": {
+                str(n.address): node.isNodeConnected(n) for n in node.otherNodes
+            },
+        }
+
+    def health(self) -> tuple[bool, str]:
+        if self.wedged_reason:
+            return False, self.wedged_reason
+        if self._node is not None and self.leader() is None:
+            return False, "no cluster leader"
+        return True, "raft healthy"
+
+    async def _watch(self) -> None:
+        """The wedge detector: apply stuck below commit, or the tick thread failing."""
+        seen_errors = 0
+        while True:
+            await asyncio.sleep(1.0)
+            node = self._node
+            if node is None:
+                continue
+            try:
+                raw = node.getStatus()
+            except Exception:
+                continue
+            now = time.monotonic()
+            if raw["leader"] is not None and (raw["state"] == 2 or node.isNodeConnected(raw["leader"])):
+                self._last_contact = now
+            applied, commit = raw["last_applied"], raw["commit_idx"]
+            last_applied, _last_commit, since = self._progress
+            if applied >= commit or applied != last_applied:
+                self._progress = (applied, commit, now)
+                stuck = False
+            else:
+                stuck = now - since > 10.0
+            reasons = []
+            if stuck:
+                reasons.append(f"apply stuck at {applied} below commit index {commit} for {now - since:.0f}s")
+            if node.tick_errors > seen_errors + 20:
+                reasons.append(f"raft tick thread raised {node.tick_errors} times: {node.last_tick_error.strip()[-300:]}")
+            if not reasons and node.tick_errors == seen_errors:
+                self.wedged_reason = ""
+            elif reasons:
+                self.wedged_reason = "; ".join(reasons)
+                log.error("raft node looks wedged: %s (see docs/operations.md, 'Wipe and rejoin')", self.wedged_reason)
+            seen_errors = node.tick_errors if not reasons else seen_errors
+
+    def _flush_loop(self) -> None:
+        """Bound what a power loss can take: msync the journal and fsync its files periodically."""
+        journal_path = os.path.join(self.settings.data_dir or "", "raft.journal")
+        while not self._closing.wait(self.settings.flush_interval):
+            node = self._node
+            try:
+                raft_log = getattr(node, "_SyncObj__raftLog", None)
+                if raft_log is not None and hasattr(raft_log, "flush"):
+                    raft_log.flush()
+                for path in (journal_path, journal_path + ".meta", os.path.join(self.settings.data_dir or "", "raft.dump")):
+                    if os.path.exists(path):
+                        fd = os.open(path, os.O_RDONLY)
+                        try:
+                            os.fsync(fd)
+                        finally:
+                            os.close(fd)
+            except Exception as exc:  # keep flushing; a transient error is logged, not fatal
+                log.warning("journal flush failed: %s", exc)
+
+    # -- membership ---------------------------------------------------------------------------
+
+    async def _membership(self, method: str, addr: str, timeout: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
+
+        def done(result: Any, error: int) -> None:
+            loop.call_soon_threadsafe(_settle, fut, result, error)
+
+        getattr(self._node, method)(addr, callback=done)
+        try:
+            _result, error = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise APIError(f"timed out changing membership ({method} {addr})", 500) from None
+        if error != 0:
+            raise APIError(f"membership change {method} {addr} failed with raft error {error}", 500)
+
+    async def add_peer(self, addr: str) -> None:
+        if addr in self.peers():
+            return
+        await self._membership("addNodeToCluster", addr)
+
+    async def remove_peer(self, addr: str) -> None:
+        if addr not in self.peers():
+            raise APIError(f"address {addr!r} is not a Raft peer", 400)
+        await self._membership("removeNodeFromCluster", addr)
+
+    async def transfer_leadership(self) -> None:
+        if not self.is_leader():
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
+        self._node.transferLeadership(callback=lambda r, e: loop.call_soon_threadsafe(_settle, fut, r, e))
+        try:
+            await asyncio.wait_for(fut, 5.0)
+        except TimeoutError:
+            pass
+        for _ in range(50):
+            if not self.is_leader():
+                return
+            await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        self._closing.set()
+        if self._monitor:
+            self._monitor.cancel()
+        node = self._node
+        if node is not None:
+            await asyncio.to_thread(node.destroy_synchronous)
+            self._node = None
+
+
+def _settle(fut: asyncio.Future[tuple[Any, int]], result: Any, error: int) -> None:
+    if not fut.done():
+        fut.set_result((result, error))

@@ -1,0 +1,429 @@
+"""A server agent: forms (or joins) the Raft cluster, serves the registry API, keeps node liveness.
+
+Cluster formation: every server serves HTTP first, then says hello to each `-retry-join` address
+(another agent's HTTP address). Hellos are answered with every server the answerer knows, so the
+servers learn each other's Raft addresses transitively. A server bootstraps once it knows
+`-bootstrap-expect` servers and none of them runs a cluster yet; if one does, it asks that cluster
+to add it as a peer instead. The peer list is saved in the data dir, so a restart needs no joins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import httpx
+from lictor.registry import views
+from lictor.registry.http import RegistryAPI, ServerInfo
+from lictor.registry.raft import ConsensusLog, LocalLog, RaftLog, RaftSettings, new_command
+from lictor.registry.state import LIVENESS_CHECK_ID
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from lictor.config import AgentConfig
+from lictor.decode import Str, Struct, decode_body
+from lictor.errors import APIError, BadRequest
+from lictor.httpapi import empty_ok, guarded, json_response, read_body
+
+log = logging.getLogger("lictor.server")
+
+HELLO = Struct(
+    "Hello",
+    {"Node": Str(), "RaftAddr": Str(), "HTTPAddr": Str(), "Datacenter": Str()},
+)
+HEARTBEAT = Struct("Heartbeat", {"Node": Str()})
+SERVER_META_PREFIX = "server/"
+
+
+class ServerAgent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.known: dict[str, dict[str, str]] = {
+            config.raft_addr: {"Node": config.node, "RaftAddr": config.raft_addr, "HTTPAddr": config.http_addr}
+        }
+        self.log: ConsensusLog | None = None
+        self.api: RegistryAPI | None = None
+        self.ready = asyncio.Event()
+        self.last_seen: dict[str, float] = {}  # node -> monotonic time of its last heartbeat (leader only)
+        self._was_leader = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.stopping = asyncio.Event()
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+
+    # -- startup --------------------------------------------------------------------------------
+
+    def _peers_file(self) -> str:
+        return os.path.join(self.config.data_dir, "raft-peers.json")
+
+    async def start_consensus(self) -> None:
+        config = self.config
+        if config.dev:
+            self.log = LocalLog(config.raft_addr)
+        else:
+            peers = self._saved_peers()
+            if peers is None:
+                peers = await self._discover_peers()
+                os.makedirs(config.data_dir, exist_ok=True)
+                with open(self._peers_file(), "w", encoding="utf-8") as fh:
+                    json.dump({"peers": peers, "known": self.known}, fh)
+            self.log = RaftLog(
+                RaftSettings(
+                    data_dir=os.path.join(config.data_dir, "raft"),
+                    self_addr=config.raft_addr,
+                    peers=peers,
+                    password=config.encrypt,
+                    min_timeout=config.raft_min_timeout,
+                    max_timeout=config.raft_max_timeout,
+                    snapshot_threshold=config.raft_snapshot_threshold,
+                )
+            )
+        info = ServerInfo(config.node, config.datacenter, config.http_addr, config.raft_addr)
+        self.api = RegistryAPI(self.log, info)
+        await self.log.start()
+        self.ready.set()
+        self._tasks.append(asyncio.create_task(self._leader_duties()))
+        self._tasks.append(asyncio.create_task(self._announce_self()))
+
+    def _saved_peers(self) -> list[str] | None:
+        try:
+            with open(self._peers_file(), encoding="utf-8") as fh:
+                saved = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        self.known.update(saved.get("known") or {})
+        return list(saved.get("peers") or [])
+
+    async def _discover_peers(self) -> list[str]:
+        config = self.config
+        expect = max(config.bootstrap_expect, 1)
+        if not config.retry_join and expect == 1:
+            return [config.raft_addr]
+        attempt = 0
+        while not self.stopping.is_set():
+            attempt += 1
+            running: dict[str, Any] | None = None
+            for target in list(config.retry_join) + [k["HTTPAddr"] for k in self.known.values()]:
+                if target == config.http_addr:
+                    continue
+                reply = await self._hello(target)
+                if reply is None:
+                    continue
+                for server in reply.get("Known") or []:
+                    if server.get("RaftAddr"):
+                        self.known.setdefault(server["RaftAddr"], server)
+                if reply.get("Peers") and reply.get("Leader"):
+                    running = reply
+            if running is not None and config.raft_addr not in running["Peers"]:
+                joined = await self._ask_to_join(running)
+                if joined is not None:
+                    return joined
+            elif running is not None:
+                return list(running["Peers"])
+            elif len(self.known) >= expect and config.bootstrap_expect > 0:
+                peers = sorted(self.known)[: max(expect, len(self.known))]
+                log.info("bootstrapping a Raft cluster of %d servers: %s", len(peers), peers)
+                return peers
+            if attempt % 10 == 1:
+                log.info("waiting for servers: know %d of %d expected (%s)", len(self.known), expect, sorted(self.known))
+            await asyncio.sleep(config.retry_interval)
+        raise asyncio.CancelledError
+
+    async def _hello(self, target: str) -> dict[str, Any] | None:
+        me = self.known[self.config.raft_addr] | {"Datacenter": self.config.datacenter}
+        try:
+            resp = await self.http.post(f"http://{target}/v1/internal/cluster/hello", json=me, timeout=2.0)
+        except httpx.HTTPError:
+            return None
+        if resp.status_code != 200:
+            return None
+        try:
+            return resp.json()
+        except ValueError:
+            return None
+
+    async def _ask_to_join(self, cluster: dict[str, Any]) -> list[str] | None:
+        targets = [cluster.get("LeaderHTTP")] + [k["HTTPAddr"] for k in self.known.values()]
+        for target in [t for t in targets if t and t != self.config.http_addr]:
+            try:
+                resp = await self.http.post(
+                    f"http://{target}/v1/internal/cluster/join",
+                    json={"RaftAddr": self.config.raft_addr, "Node": self.config.node, "HTTPAddr": self.config.http_addr},
+                    timeout=15.0,
+                )
+            except httpx.HTTPError:
+                continue
+            if resp.status_code == 200:
+                peers = resp.json().get("Peers") or []
+                log.info("joined the running cluster; peers %s", peers)
+                return sorted(set(peers) | {self.config.raft_addr})
+            log.warning("join via %s refused: %s", target, resp.text)
+        return None
+
+    async def _announce_self(self) -> None:
+        """Record this server (names and HTTP address) and its catalog entry once a leader exists."""
+        assert self.log is not None
+        config = self.config
+        while not self.stopping.is_set():
+            if self.log.leader() is None:
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                record = {"Node": config.node, "RaftAddr": config.raft_addr, "HTTPAddr": config.http_addr}
+                await self.log.submit(new_command("meta_set", Key=SERVER_META_PREFIX + config.raft_addr, Value=record))
+                await self.log.submit(new_command("register", **self.own_registration()))
+                return
+            except APIError as exc:
+                log.info("announcing this server failed (%s); retrying", exc.message)
+                await asyncio.sleep(0.5)
+
+    def own_registration(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "Node": config.node,
+            "Address": config.bind,
+            "Datacenter": config.datacenter,
+            "TaggedAddresses": {"lan": config.bind, "lan_ipv4": config.bind, "wan": config.bind, "wan_ipv4": config.bind},
+            "NodeMeta": {"consul-network-segment": ""} | dict(config.node_meta),
+            "Service": {
+                "ID": "consul",
+                "Service": "consul",
+                "Tags": [],
+                "Address": "",
+                "TaggedAddresses": {},
+                "Meta": {"raft_version": "3", "version": "0.1.0"},
+                "Port": config.raft_port,
+                "Weights": {"Passing": 1, "Warning": 1},
+                "EnableTagOverride": False,
+                "Kind": "",
+                "Proxy": {},
+                "Connect": {},
+            },
+            "Checks": [self.liveness_check("passing", "Agent alive and reachable")],
+        }
+
+    @staticmethod
+    def liveness_check(status: str, output: str) -> dict[str, Any]:
+        return {
+            "CheckID": LIVENESS_CHECK_ID,
+            "Name": "Serf Health Status",
+            "Status": status,
+            "Notes": "",
+            "Output": output,
+            "ServiceID": "",
+            "Type": "",
+            "Interval": "",
+            "Timeout": "",
+            "Definition": {},
+        }
+
+    # -- node liveness (leader only) ------------------------------------------------------------------
+
+    async def _leader_duties(self) -> None:
+        """Mark nodes whose agents stopped heartbeating critical; reap those gone too long."""
+        assert self.log is not None
+        while not self.stopping.is_set():
+            await asyncio.sleep(0.5)
+            is_leader = self.log.is_leader()
+            if is_leader and not self._was_leader:
+                # A new leader has heard nobody yet: give every node a full bound to check in.
+                now = time.monotonic()
+                self.last_seen = {node: now for node in self.last_seen} | {
+                    node: now for node in list(self.log.store.nodes)
+                }
+            self._was_leader = is_leader
+            if not is_leader:
+                continue
+            try:
+                await self._check_liveness()
+            except APIError as exc:
+                log.info("liveness update failed: %s", exc.message)
+
+    async def _check_liveness(self) -> None:
+        assert self.log is not None
+        now = time.monotonic()
+        servers = {s.get("Node") for s in self.server_records().values()}
+        with self.log.store.lock:
+            nodes = {
+                node: (self.log.store.checks.get(node, {}).get(LIVENESS_CHECK_ID) or {}).get("Status")
+                for node in self.log.store.nodes
+            }
+        for node, status in nodes.items():
+            if status is None:
+                continue  # external node registered through the catalog: no agent to hear from
+            seen = self.last_seen.setdefault(node, now)
+            silent = now - seen
+            if node in servers and node == self.config.node:
+                continue
+            if silent > self.config.reconnect_timeout:
+                log.warning("reaping node %s: silent for %.0fs", node, silent)
+                await self.log.submit(new_command("deregister", Node=node))
+                self.last_seen.pop(node, None)
+            elif silent > self.config.liveness_timeout and status != "critical":
+                log.warning("node %s missed heartbeats for %.1fs: marking it critical", node, silent)
+                await self.log.submit(
+                    new_command(
+                        "check_status", Node=node, CheckID=LIVENESS_CHECK_ID, Status="critical",
+                        Output=f"Agent not live or unreachable (no heartbeat for {silent:.0f}s)",
+                    )
+                )
+
+    async def heartbeat(self, node: str) -> None:
+        """Record that `node`'s agent is alive; on a follower, pass it to the leader."""
+        assert self.log is not None
+        if not self.log.is_leader():
+            leader_http = self.leader_http()
+            if leader_http is None:
+                raise APIError("No cluster leader", 500)
+            resp = await self.http.put(f"http://{leader_http}/v1/internal/heartbeat", json={"Node": node}, timeout=3.0)
+            if resp.status_code != 200:
+                raise APIError(f"leader refused heartbeat: {resp.text}", resp.status_code)
+            return
+        self.last_seen[node] = time.monotonic()
+        with self.log.store.lock:
+            status = (self.log.store.checks.get(node, {}).get(LIVENESS_CHECK_ID) or {}).get("Status")
+        if status == "critical":
+            await self.log.submit(
+                new_command("check_status", Node=node, CheckID=LIVENESS_CHECK_ID, Status="passing", Output="Agent alive and reachable")
+            )
+
+    # -- membership views ------------------------------------------------------------------------------
+
+    def server_records(self) -> dict[str, dict[str, Any]]:
+        assert self.log is not None
+        with self.log.store.lock:
+            meta = dict(self.log.store.meta)
+        records = {k[len(SERVER_META_PREFIX):]: v for k, v in meta.items() if k.startswith(SERVER_META_PREFIX)}
+        for addr, known in self.known.items():
+            records.setdefault(addr, known)
+        return records
+
+    def leader_http(self) -> str | None:
+        assert self.log is not None
+        leader = self.log.leader()
+        if leader is None:
+            return None
+        record = self.server_records().get(leader)
+        return record.get("HTTPAddr") if record else None
+
+    def members(self) -> list[dict[str, Any]]:
+        assert self.log is not None
+        peers = set(self.log.peers())
+        out = []
+        servers = self.server_records()
+        server_nodes = set()
+        for addr, record in sorted(servers.items()):
+            host, _, port = addr.rpartition(":")
+            alive = addr in peers and (addr == self.config.raft_addr or self._connected(addr))
+            server_nodes.add(record.get("Node"))
+            out.append(member_entry(record.get("Node", addr), host, int(port or 0), "consul", self.config.datacenter, 1 if alive else 4,
+                                    {"port": port, "raft_vsn": "3", "http": record.get("HTTPAddr", "")}))
+        with self.log.store.lock:
+            for name, node in sorted(self.log.store.nodes.items()):
+                if name in server_nodes:
+                    continue
+                check = self.log.store.checks.get(name, {}).get(LIVENESS_CHECK_ID)
+                if check is None:
+                    continue
+                status = 1 if check["Status"] != "critical" else 4
+                out.append(member_entry(name, node["Address"], 8301, "node", self.config.datacenter, status, {}))
+        return out
+
+    def _connected(self, addr: str) -> bool:
+        assert self.log is not None
+        partners = self.log.status().get("partners") or {}
+        return bool(partners.get(addr, addr == self.log.leader()))
+
+    # -- internal endpoints ---------------------------------------------------------------------------
+
+    async def hello_endpoint(self, request: Request) -> Response:
+        body = decode_body(await read_body(request), HELLO)
+        if body.get("Datacenter") and body["Datacenter"] != self.config.datacenter:
+            raise BadRequest(f"datacenter mismatch: this server is in {self.config.datacenter!r}")
+        if body.get("RaftAddr"):
+            self.known.setdefault(body["RaftAddr"], {k: body.get(k, "") for k in ("Node", "RaftAddr", "HTTPAddr")})
+        reply: dict[str, Any] = {"Known": list(self.known.values()), "Peers": [], "Leader": None, "LeaderHTTP": None}
+        if self.log is not None and self.ready.is_set():
+            reply["Known"] = list(self.server_records().values())
+            reply["Peers"] = self.log.peers()
+            reply["Leader"] = self.log.leader()
+            reply["LeaderHTTP"] = self.leader_http()
+        return json_response(reply)
+
+    async def join_endpoint(self, request: Request) -> Response:
+        body = decode_body(await read_body(request), HELLO)
+        if self.log is None:
+            raise APIError("this server has not started consensus yet", 503)
+        addr = body.get("RaftAddr", "")
+        if not addr or ":" not in addr:
+            raise BadRequest("RaftAddr must be host:port")
+        await self.log.add_peer(addr)
+        self.known[addr] = {k: body.get(k, "") for k in ("Node", "RaftAddr", "HTTPAddr")}
+        return json_response({"Peers": self.log.peers()})
+
+    async def heartbeat_endpoint(self, request: Request) -> Response:
+        body = decode_body(await read_body(request), HEARTBEAT)
+        if not body.get("Node"):
+            raise BadRequest("Missing Node")
+        await self.heartbeat(body["Node"])
+        return empty_ok()
+
+    async def snapshot_endpoint(self, request: Request) -> Response:
+        assert self.api is not None
+        opts, index, data = await self.api._read(request, views.catalog_snapshot)
+        return self.api._reply(request, data, index, opts)
+
+    async def leave(self) -> None:
+        """Leave gracefully: hand leadership over, take ourselves out of the peer set, stop."""
+        assert self.log is not None
+        if isinstance(self.log, RaftLog) and len(self.log.peers()) > 1:
+            await self.log.transfer_leadership()
+            for _ in range(30):
+                leader_http = self.leader_http()
+                if leader_http and leader_http != self.config.http_addr:
+                    try:
+                        resp = await self.http.delete(
+                            f"http://{leader_http}/v1/operator/raft/peer", params={"address": self.config.raft_addr}, timeout=10.0
+                        )
+                        if resp.status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                await asyncio.sleep(0.3)
+        self.stopping.set()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/internal/cluster/hello", guarded(self.hello_endpoint), methods=["POST"]),
+            Route("/v1/internal/cluster/join", guarded(self.join_endpoint), methods=["POST"]),
+            Route("/v1/internal/heartbeat", guarded(self.heartbeat_endpoint), methods=["PUT"]),
+            Route("/v1/internal/snapshot", guarded(self.snapshot_endpoint), methods=["GET"]),
+        ]
+
+    async def close(self) -> None:
+        self.stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        if self.log is not None:
+            await self.log.close()
+        await self.http.aclose()
+
+
+def member_entry(name: str, addr: str, port: int, role: str, dc: str, status: int, tags: dict[str, str]) -> dict[str, Any]:
+    return {
+        "Name": name,
+        "Addr": addr,
+        "Port": port,
+        "Tags": {"role": role, "dc": dc, "vsn": "2", "build": "0.1.0"} | tags,
+        "Status": status,
+        "ProtocolMin": 1,
+        "ProtocolMax": 5,
+        "ProtocolCur": 2,
+        "DelegateMin": 2,
+        "DelegateMax": 5,
+        "DelegateCur": 4,
+    }

@@ -1,0 +1,554 @@
+"""The replicated state machine: nodes, services, checks, KV, intentions, config entries.
+
+Pure and deterministic: `apply(command)` is the only way state changes, it never raises, never
+reads a clock or a random source (the proposer puts time and ids in the command), and every
+command is deduplicated by its request id, because after a leader change the proposer cannot
+know whether its command committed and must be free to send it again.
+
+Every applied command takes the next index. Each table, each service name, each node and each
+KV key remembers the index it last changed at, and deletions leave tombstones, so a blocking
+query on a resource wakes when that resource is deleted, too.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+from typing import Any
+
+# How many request ids we remember for deduplication; a retry arrives within seconds, so a
+# window of this many commands is far more than enough.
+DEDUP_WINDOW = 20_000
+# KV tombstones kept before the oldest are folded into `kv_tomb_floor`.
+KV_TOMBSTONE_LIMIT = 20_000
+
+LIVENESS_CHECK_ID = "serfHealth"
+CHECK_STATUSES = ("passing", "warning", "critical")
+
+Result = dict[str, Any]
+
+
+def _ok(value: Any = True) -> Result:
+    return {"ok": True, "value": value}
+
+
+def _err(message: str, status: int = 400) -> Result:
+    return {"ok": False, "error": message, "status": status}
+
+
+class CommandError(Exception):
+    """Raised inside apply for a rejected command; turned into an error result, never escapes."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class StateStore:
+    """All replicated data as plain dicts. Reads take `lock`; apply runs under it too."""
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.services: dict[str, dict[str, dict[str, Any]]] = {}  # node -> service id -> service
+        self.checks: dict[str, dict[str, dict[str, Any]]] = {}  # node -> check id -> check
+        self.kv: dict[str, dict[str, Any]] = {}
+        self.kv_tombstones: dict[str, int] = {}
+        self.kv_tomb_floor = 0
+        self.intentions: dict[str, dict[str, Any]] = {}  # "src\x00dst" -> intention
+        self.config_entries: dict[str, dict[str, dict[str, Any]]] = {}  # kind -> name -> entry
+        self.meta: dict[str, Any] = {}  # cluster-wide settings (cluster id, CA state, ...)
+        self.table_index: dict[str, int] = {}
+        self.service_index: dict[str, int] = {}  # service name -> last change (kept after delete)
+        self.node_index: dict[str, int] = {}  # node name -> last change (kept after delete)
+        self.recent_requests: dict[str, Result] = {}
+        self._init_runtime()
+
+    # -- runtime (not replicated, not pickled) -----------------------------------------------
+
+    def _init_runtime(self) -> None:
+        self.lock = threading.RLock()
+        self.listeners: list[Callable[[int], None]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("lock", None)
+        state.pop("listeners", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def replace_with(self, other: StateStore) -> None:
+        """Take over another store's data (snapshot restore), keeping our lock and listeners."""
+        with self.lock:
+            for key, value in other.__getstate__().items():
+                setattr(self, key, value)
+        self._notify()
+
+    # -- applying --------------------------------------------------------------------------
+
+    def apply(self, command: dict[str, Any]) -> Result:
+        """Apply one command. Never raises: a rejected command returns an error result."""
+        try:
+            with self.lock:
+                result = self._apply_locked(command)
+        except Exception as exc:  # a bug must not wedge the replica; the command is a no-op
+            result = _err(f"internal error applying {command.get('op')!r}: {exc!r}", 500)
+        self._notify()
+        return result
+
+    def _notify(self) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(self.index)
+            except Exception:  # a listener's failure must not affect the state machine
+                pass
+
+    def _apply_locked(self, command: dict[str, Any]) -> Result:
+        self.index += 1
+        request_id = command.get("rid")
+        if request_id and request_id in self.recent_requests:
+            return self.recent_requests[request_id]
+        op = command.get("op")
+        handler = _HANDLERS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            result = _err(f"unknown command {op!r}")
+        else:
+            # Apply to a scratch copy of nothing: handlers validate fully before mutating, so
+            # a CommandError means nothing changed.
+            try:
+                result = handler(self, command)
+            except CommandError as exc:
+                result = _err(str(exc), exc.status)
+        if request_id:
+            self.recent_requests[request_id] = result
+            if len(self.recent_requests) > DEDUP_WINDOW:
+                del self.recent_requests[next(iter(self.recent_requests))]
+        return result
+
+    # -- index bookkeeping ------------------------------------------------------------------
+
+    def _touch(self, table: str) -> None:
+        self.table_index[table] = self.index
+
+    def _touch_service(self, name: str) -> None:
+        self.service_index[name] = self.index
+        self._touch("services")
+
+    def _touch_node(self, node: str) -> None:
+        self.node_index[node] = self.index
+        self._touch("nodes")
+        # Node-level facts (address, node checks) are part of every service entry on the node.
+        for service in self.services.get(node, {}).values():
+            self.service_index[service["Service"]] = self.index
+
+    # -- catalog -----------------------------------------------------------------------------
+
+    def _upsert_node(self, node: dict[str, Any]) -> None:
+        name = node["Node"]
+        existing = self.nodes.get(name)
+        record = {
+            "ID": node.get("ID", "") or (existing or {}).get("ID", ""),
+            "Node": name,
+            "Address": node.get("Address", ""),
+            "Datacenter": node.get("Datacenter", ""),
+            "TaggedAddresses": dict(node.get("TaggedAddresses") or {}),
+            "Meta": dict(node.get("Meta") or {}),
+        }
+        if existing is not None:
+            current = {k: existing.get(k) for k in record}
+            if current == record:
+                return
+            record["CreateIndex"] = existing["CreateIndex"]
+        else:
+            record["CreateIndex"] = self.index
+        record["ModifyIndex"] = self.index
+        self.nodes[name] = record
+        self.services.setdefault(name, {})
+        self.checks.setdefault(name, {})
+        self._touch_node(name)
+
+    def _upsert_service(self, node: str, service: dict[str, Any]) -> None:
+        services = self.services.setdefault(node, {})
+        existing = services.get(service["ID"])
+        record = {k: copy.deepcopy(v) for k, v in service.items() if k not in ("CreateIndex", "ModifyIndex")}
+        if existing is not None:
+            current = {k: v for k, v in existing.items() if k not in ("CreateIndex", "ModifyIndex")}
+            if current == record:
+                return
+            record["CreateIndex"] = existing["CreateIndex"]
+            if existing["Service"] != record["Service"]:
+                self._touch_service(existing["Service"])
+        else:
+            record["CreateIndex"] = self.index
+        record["ModifyIndex"] = self.index
+        services[service["ID"]] = record
+        self.node_index[node] = self.index
+        self._touch_service(record["Service"])
+        # Service checks carry the service's name and tags.
+        for check in self.checks.get(node, {}).values():
+            if check.get("ServiceID") == record["ID"]:
+                if check.get("ServiceName") != record["Service"] or check.get("ServiceTags") != record["Tags"]:
+                    check["ServiceName"] = record["Service"]
+                    check["ServiceTags"] = list(record["Tags"])
+                    check["ModifyIndex"] = self.index
+                    self._touch("checks")
+
+    def _upsert_check(self, node: str, check: dict[str, Any]) -> None:
+        checks = self.checks.setdefault(node, {})
+        existing = checks.get(check["CheckID"])
+        record = {k: copy.deepcopy(v) for k, v in check.items() if k not in ("CreateIndex", "ModifyIndex")}
+        record["Node"] = node
+        service_id = record.get("ServiceID", "")
+        if service_id:
+            service = self.services.get(node, {}).get(service_id)
+            record["ServiceName"] = service["Service"] if service else ""
+            record["ServiceTags"] = list(service["Tags"]) if service else []
+        else:
+            record["ServiceName"] = ""
+            record["ServiceTags"] = []
+        if existing is not None:
+            current = {k: v for k, v in existing.items() if k not in ("CreateIndex", "ModifyIndex")}
+            if current == record:
+                return
+            record["CreateIndex"] = existing["CreateIndex"]
+        else:
+            record["CreateIndex"] = self.index
+        record["ModifyIndex"] = self.index
+        checks[check["CheckID"]] = record
+        self.node_index[node] = self.index
+        self._touch("checks")
+        self._touch_check_owner(node, record, existing)
+
+    def _touch_check_owner(self, node: str, record: dict[str, Any], previous: dict[str, Any] | None) -> None:
+        for rec in (record, previous):
+            if rec is None:
+                continue
+            if rec.get("ServiceID"):
+                if rec.get("ServiceName"):
+                    self._touch_service(rec["ServiceName"])
+            else:
+                self._touch_node(node)
+
+    def _delete_check(self, node: str, check_id: str) -> bool:
+        record = self.checks.get(node, {}).pop(check_id, None)
+        if record is None:
+            return False
+        self.node_index[node] = self.index
+        self._touch("checks")
+        self._touch_check_owner(node, record, None)
+        return True
+
+    def _delete_service(self, node: str, service_id: str) -> bool:
+        record = self.services.get(node, {}).pop(service_id, None)
+        if record is None:
+            return False
+        for check_id, check in list(self.checks.get(node, {}).items()):
+            if check.get("ServiceID") == service_id:
+                self._delete_check(node, check_id)
+        self.node_index[node] = self.index
+        self._touch_service(record["Service"])
+        return True
+
+    def _delete_node(self, node: str) -> bool:
+        if node not in self.nodes:
+            return False
+        for service_id in list(self.services.get(node, {})):
+            self._delete_service(node, service_id)
+        for check_id in list(self.checks.get(node, {})):
+            self._delete_check(node, check_id)
+        del self.nodes[node]
+        self.services.pop(node, None)
+        self.checks.pop(node, None)
+        self._touch_node(node)
+        return True
+
+    def op_register(self, cmd: dict[str, Any]) -> Result:
+        node = cmd.get("Node") or ""
+        if not node:
+            raise CommandError("Must provide node")
+        skip_node = bool(cmd.get("SkipNodeUpdate"))
+        if not skip_node and not cmd.get("Address"):
+            raise CommandError("Must provide address if SkipNodeUpdate is not set")
+        if skip_node and node not in self.nodes:
+            raise CommandError(f"Node {node!r} does not exist; cannot skip the node update", 404)
+        service = cmd.get("Service")
+        checks = list(cmd.get("Checks") or [])
+        if cmd.get("Check"):
+            checks.insert(0, cmd["Check"])
+        service_ids = set(self.services.get(node, {}))
+        if service:
+            service_ids.add(service["ID"])
+        for check in checks:
+            if check.get("ServiceID") and check["ServiceID"] not in service_ids:
+                raise CommandError(f"Unknown service ID {check['ServiceID']!r} for check {check['CheckID']!r}", 404)
+        if not skip_node:
+            self._upsert_node(
+                {
+                    "ID": cmd.get("ID", ""),
+                    "Node": node,
+                    "Address": cmd["Address"],
+                    "Datacenter": cmd.get("Datacenter", ""),
+                    "TaggedAddresses": cmd.get("TaggedAddresses") or {},
+                    "Meta": cmd.get("NodeMeta") or {},
+                }
+            )
+        if service:
+            self._upsert_service(node, service)
+        for check in checks:
+            self._upsert_check(node, check)
+        return _ok(True)
+
+    def op_deregister(self, cmd: dict[str, Any]) -> Result:
+        node = cmd.get("Node") or ""
+        if not node:
+            raise CommandError("Must provide node")
+        if cmd.get("ServiceID"):
+            self._delete_service(node, cmd["ServiceID"])
+        if cmd.get("CheckID"):
+            self._delete_check(node, cmd["CheckID"])
+        if not cmd.get("ServiceID") and not cmd.get("CheckID"):
+            self._delete_node(node)
+        return _ok(True)
+
+    def op_sync_node(self, cmd: dict[str, Any]) -> Result:
+        """Anti-entropy: make the catalog's view of an agent's node exactly the agent's.
+
+        The servers own the liveness check; everything else on the node belongs to the agent.
+        Unchanged records keep their indexes, so a full sync that finds nothing to do wakes
+        no blocking query.
+        """
+        node = cmd.get("Node") or ""
+        if not node or not cmd.get("Address"):
+            raise CommandError("Must provide node and address")
+        services = {s["ID"]: s for s in cmd.get("Services") or []}
+        checks = {c["CheckID"]: c for c in cmd.get("Checks") or []}
+        for check in checks.values():
+            if check.get("ServiceID") and check["ServiceID"] not in services:
+                raise CommandError(f"Unknown service ID {check['ServiceID']!r} for check {check['CheckID']!r}", 404)
+        self._upsert_node(
+            {
+                "ID": cmd.get("ID", ""),
+                "Node": node,
+                "Address": cmd["Address"],
+                "Datacenter": cmd.get("Datacenter", ""),
+                "TaggedAddresses": cmd.get("TaggedAddresses") or {},
+                "Meta": cmd.get("NodeMeta") or {},
+            }
+        )
+        for check_id in list(self.checks.get(node, {})):
+            if check_id not in checks and check_id != LIVENESS_CHECK_ID:
+                self._delete_check(node, check_id)
+        for service_id in list(self.services.get(node, {})):
+            if service_id not in services:
+                self._delete_service(node, service_id)
+        for service in services.values():
+            self._upsert_service(node, service)
+        for check in checks.values():
+            if check["CheckID"] != LIVENESS_CHECK_ID:
+                self._upsert_check(node, check)
+        return _ok(True)
+
+    def op_check_status(self, cmd: dict[str, Any]) -> Result:
+        """Set a check's status and output (agent pushes, TTL updates, node liveness)."""
+        node, check_id, status = cmd.get("Node", ""), cmd.get("CheckID", ""), cmd.get("Status", "")
+        if status not in CHECK_STATUSES:
+            raise CommandError(f"Invalid check status: {status!r}")
+        check = self.checks.get(node, {}).get(check_id)
+        if check is None:
+            if check_id != LIVENESS_CHECK_ID or node not in self.nodes:
+                raise CommandError(f"Unknown check ID {check_id!r} on node {node!r}", 404)
+            check = {
+                "CheckID": LIVENESS_CHECK_ID,
+                "Name": "Serf Health Status",
+                "Notes": "",
+                "ServiceID": "",
+                "Type": "",
+                "Interval": "",
+                "Timeout": "",
+                "Definition": {},
+            }
+        updated = dict(check, Status=status, Output=cmd.get("Output", ""))
+        self._upsert_check(node, updated)
+        return _ok(True)
+
+    # -- KV ---------------------------------------------------------------------------------
+
+    def _kv_put(self, key: str, value: str | None, flags: int) -> None:
+        existing = self.kv.get(key)
+        self.kv[key] = {
+            "LockIndex": existing["LockIndex"] if existing else 0,
+            "Key": key,
+            "Flags": flags,
+            "Value": value,
+            "CreateIndex": existing["CreateIndex"] if existing else self.index,
+            "ModifyIndex": self.index,
+        }
+        self.kv_tombstones.pop(key, None)
+        self._touch("kv")
+
+    def _kv_remove(self, key: str) -> None:
+        if self.kv.pop(key, None) is not None:
+            self.kv_tombstones[key] = self.index
+            if len(self.kv_tombstones) > KV_TOMBSTONE_LIMIT:
+                oldest = next(iter(self.kv_tombstones))
+                self.kv_tomb_floor = max(self.kv_tomb_floor, self.kv_tombstones.pop(oldest))
+            self._touch("kv")
+
+    def op_kv_set(self, cmd: dict[str, Any]) -> Result:
+        key = cmd["Key"]
+        cas = cmd.get("Cas")
+        if cas is not None:
+            existing = self.kv.get(key)
+            if cas == 0 and existing is not None:
+                return _ok(False)
+            if cas != 0 and (existing is None or existing["ModifyIndex"] != cas):
+                return _ok(False)
+        self._kv_put(key, cmd.get("Value"), int(cmd.get("Flags") or 0))
+        return _ok(True)
+
+    def op_kv_delete(self, cmd: dict[str, Any]) -> Result:
+        key = cmd["Key"]
+        cas = cmd.get("Cas")
+        if cmd.get("Recurse"):
+            for k in [k for k in self.kv if k.startswith(key)]:
+                self._kv_remove(k)
+            return _ok(True)
+        if cas is not None:
+            existing = self.kv.get(key)
+            if existing is None or existing["ModifyIndex"] != cas:
+                return _ok(False)
+        self._kv_remove(key)
+        return _ok(True)
+
+    def op_txn(self, cmd: dict[str, Any]) -> Result:
+        """KV transactions: every check runs first; if any fails, nothing is applied."""
+        ops = cmd.get("Ops") or []
+        errors = []
+        for i, op in enumerate(ops):
+            kv = op["KV"]
+            verb, key = kv["Verb"], kv.get("Key", "")
+            existing = self.kv.get(key)
+            index = kv.get("Index", 0)
+            failed = None
+            if verb in ("cas", "delete-cas", "check-index"):
+                if verb == "cas" and index == 0:
+                    if existing is not None:
+                        failed = "key exists"
+                elif existing is None or existing["ModifyIndex"] != index:
+                    failed = f"current modify index {existing['ModifyIndex'] if existing else 0} != {index}"
+            elif verb == "check-not-exists" and existing is not None:
+                failed = "key exists"
+            elif verb in ("get",) and existing is None:
+                failed = "key does not exist"
+            if failed:
+                errors.append({"OpIndex": i, "What": f'failed to {verb} key "{key}": {failed}'})
+        if errors:
+            return _ok({"Results": None, "Errors": errors})
+        results = []
+        for op in ops:
+            kv = op["KV"]
+            verb, key = kv["Verb"], kv.get("Key", "")
+            if verb in ("set", "cas"):
+                self._kv_put(key, kv.get("Value"), int(kv.get("Flags") or 0))
+                results.append({"KV": _kv_meta(self.kv[key])})
+            elif verb in ("delete", "delete-cas"):
+                self._kv_remove(key)
+            elif verb == "delete-tree":
+                for k in [k for k in self.kv if k.startswith(key)]:
+                    self._kv_remove(k)
+            elif verb == "get":
+                results.append({"KV": dict(self.kv[key])})
+            elif verb == "get-tree":
+                results.extend({"KV": dict(v)} for k, v in sorted(self.kv.items()) if k.startswith(key))
+            elif verb in ("check-index", "check-not-exists"):
+                if key in self.kv:
+                    results.append({"KV": _kv_meta(self.kv[key])})
+        return _ok({"Results": results, "Errors": None})
+
+    # -- intentions and config entries (plain records for now) -----------------------------
+
+    def op_intention_upsert(self, cmd: dict[str, Any]) -> Result:
+        intention = dict(cmd["Intention"])
+        key = f"{intention['SourceName']}\x00{intention['DestinationName']}"
+        existing = self.intentions.get(key)
+        intention["CreateIndex"] = existing["CreateIndex"] if existing else self.index
+        intention["ModifyIndex"] = self.index
+        if existing and existing.get("ID") and not intention.get("ID"):
+            intention["ID"] = existing["ID"]
+        if existing and existing.get("CreatedAt"):
+            intention["CreatedAt"] = existing["CreatedAt"]
+        self.intentions[key] = intention
+        self._touch("intentions")
+        return _ok(True)
+
+    def op_intention_delete(self, cmd: dict[str, Any]) -> Result:
+        key = f"{cmd['SourceName']}\x00{cmd['DestinationName']}"
+        if self.intentions.pop(key, None) is not None:
+            self._touch("intentions")
+        return _ok(True)
+
+    def op_config_set(self, cmd: dict[str, Any]) -> Result:
+        entry = dict(cmd["Entry"])
+        kind, name = entry["Kind"], entry["Name"]
+        table = self.config_entries.setdefault(kind, {})
+        existing = table.get(name)
+        cas = cmd.get("Cas")
+        if cas is not None:
+            if (cas == 0 and existing is not None) or (
+                cas != 0 and (existing is None or existing["ModifyIndex"] != cas)
+            ):
+                return _ok(False)
+        entry["CreateIndex"] = existing["CreateIndex"] if existing else self.index
+        entry["ModifyIndex"] = self.index
+        table[name] = entry
+        self._touch("config")
+        return _ok(True)
+
+    def op_config_delete(self, cmd: dict[str, Any]) -> Result:
+        table = self.config_entries.get(cmd["Kind"], {})
+        existing = table.get(cmd["Name"])
+        cas = cmd.get("Cas")
+        if cas is not None and (existing is None or existing["ModifyIndex"] != cas):
+            return _ok(False)
+        if existing is not None:
+            del table[cmd["Name"]]
+            self._touch("config")
+        return _ok(True)
+
+    def op_meta_set(self, cmd: dict[str, Any]) -> Result:
+        """Cluster-wide settings; `IfAbsent` makes first-writer-wins (cluster id, CA bootstrap)."""
+        key = cmd["Key"]
+        if cmd.get("IfAbsent") and key in self.meta:
+            return _ok(False)
+        self.meta[key] = copy.deepcopy(cmd.get("Value"))
+        self._touch("meta")
+        return _ok(True)
+
+    def op_noop(self, cmd: dict[str, Any]) -> Result:
+        """The read barrier: once applied here, everything committed before it is applied too."""
+        return _ok(self.index)
+
+
+def _kv_meta(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != "Value"} | {"Value": None}
+
+
+_HANDLERS: dict[str, Callable[[StateStore, dict[str, Any]], Result]] = {
+    "register": StateStore.op_register,
+    "deregister": StateStore.op_deregister,
+    "sync_node": StateStore.op_sync_node,
+    "check_status": StateStore.op_check_status,
+    "kv_set": StateStore.op_kv_set,
+    "kv_delete": StateStore.op_kv_delete,
+    "txn": StateStore.op_txn,
+    "intention_upsert": StateStore.op_intention_upsert,
+    "intention_delete": StateStore.op_intention_delete,
+    "config_set": StateStore.op_config_set,
+    "config_delete": StateStore.op_config_delete,
+    "meta_set": StateStore.op_meta_set,
+    "noop": StateStore.op_noop,
+}

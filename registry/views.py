@@ -1,0 +1,261 @@
+"""Pure read views over the state store, shaped as Consul's JSON responses.
+
+Each view returns `(index, data)`: the index is the last change of exactly the resource read,
+so a blocking query on it wakes on that resource's changes (deletes included) and no others.
+Callers hold `store.lock` (or call through `read()`), and get deep copies they may mutate.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from lictor.registry.state import StateStore
+
+Index = int
+
+
+def read(store: StateStore, view: Callable[..., tuple[Index, Any]], *args: Any, **kwargs: Any) -> tuple[Index, Any]:
+    with store.lock:
+        index, data = view(store, *args, **kwargs)
+        return max(index, 1), copy.deepcopy(data)
+
+
+def _table(store: StateStore, *tables: str) -> Index:
+    return max((store.table_index.get(t, 0) for t in tables), default=0)
+
+
+def _tags_match(service: dict[str, Any], tags: list[str]) -> bool:
+    return all(tag in service.get("Tags", []) for tag in tags)
+
+
+def _meta_match(meta: dict[str, str], node_meta: list[tuple[str, str]]) -> bool:
+    return all(meta.get(k) == v for k, v in node_meta)
+
+
+def _sorted_instances(store: StateStore, name: str) -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for node in sorted(store.services):
+        for service_id in sorted(store.services[node]):
+            service = store.services[node][service_id]
+            if service["Service"] == name:
+                found.append((node, service))
+    return found
+
+
+def _service_index(store: StateStore, name: str) -> Index:
+    return store.service_index.get(name) or _table(store, "services", "nodes")
+
+
+# -- catalog -------------------------------------------------------------------------------------
+
+
+def catalog_nodes(store: StateStore, node_meta: list[tuple[str, str]] = ()) -> tuple[Index, list[dict]]:
+    nodes = [n for _, n in sorted(store.nodes.items()) if _meta_match(n.get("Meta", {}), list(node_meta))]
+    return _table(store, "nodes"), nodes
+
+
+def catalog_services(store: StateStore, node_meta: list[tuple[str, str]] = ()) -> tuple[Index, dict[str, list]]:
+    result: dict[str, list[str]] = {}
+    for node, services in store.services.items():
+        if node_meta and not _meta_match(store.nodes.get(node, {}).get("Meta", {}), list(node_meta)):
+            continue
+        for service in services.values():
+            tags = result.setdefault(service["Service"], [])
+            for tag in service.get("Tags", []):
+                if tag not in tags:
+                    tags.append(tag)
+    return _table(store, "services", "nodes"), dict(sorted(result.items()))
+
+
+def catalog_service_entry(node: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ID": node.get("ID", ""),
+        "Node": node["Node"],
+        "Address": node.get("Address", ""),
+        "Datacenter": node.get("Datacenter", ""),
+        "TaggedAddresses": node.get("TaggedAddresses", {}),
+        "NodeMeta": node.get("Meta", {}),
+        "ServiceKind": service.get("Kind", ""),
+        "ServiceID": service["ID"],
+        "ServiceName": service["Service"],
+        "ServiceTags": service.get("Tags", []),
+        "ServiceAddress": service.get("Address", ""),
+        "ServiceTaggedAddresses": service.get("TaggedAddresses", {}),
+        "ServiceWeights": service.get("Weights", {"Passing": 1, "Warning": 1}),
+        "ServiceMeta": service.get("Meta", {}),
+        "ServicePort": service.get("Port", 0),
+        "ServiceSocketPath": service.get("SocketPath", ""),
+        "ServiceEnableTagOverride": service.get("EnableTagOverride", False),
+        "ServiceProxy": service.get("Proxy", {}),
+        "ServiceConnect": service.get("Connect", {}),
+        "CreateIndex": service["CreateIndex"],
+        "ModifyIndex": service["ModifyIndex"],
+    }
+
+
+def catalog_service(
+    store: StateStore, name: str, tags: list[str] = (), node_meta: list[tuple[str, str]] = ()
+) -> tuple[Index, list[dict]]:
+    entries = []
+    for node_name, service in _sorted_instances(store, name):
+        node = store.nodes.get(node_name)
+        if node is None or not _tags_match(service, list(tags)) or not _meta_match(node.get("Meta", {}), list(node_meta)):
+            continue
+        entries.append(catalog_service_entry(node, service))
+    return _service_index(store, name), entries
+
+
+def catalog_connect(store: StateStore, name: str) -> tuple[Index, list[dict]]:
+    """Instances that can accept mesh traffic for `name`: its sidecars and native services."""
+    entries = []
+    index = _service_index(store, name)
+    for node_name in sorted(store.services):
+        for service_id in sorted(store.services[node_name]):
+            service = store.services[node_name][service_id]
+            is_proxy = service.get("Kind") == "connect-proxy" and (service.get("Proxy") or {}).get(
+                "DestinationServiceName"
+            ) == name
+            is_native = service["Service"] == name and (service.get("Connect") or {}).get("Native")
+            if is_proxy or is_native:
+                entries.append(catalog_service_entry(store.nodes[node_name], service))
+                index = max(index, store.service_index.get(service["Service"], 0))
+    return index, entries
+
+
+def catalog_node(store: StateStore, node_name: str) -> tuple[Index, dict | None]:
+    node = store.nodes.get(node_name)
+    index = store.node_index.get(node_name) or _table(store, "nodes")
+    if node is None:
+        return index, None
+    return index, {"Node": node, "Services": dict(sorted(store.services.get(node_name, {}).items()))}
+
+
+# -- health ----------------------------------------------------------------------------------------
+
+
+def _instance_checks(store: StateStore, node: str, service_id: str) -> list[dict[str, Any]]:
+    checks = store.checks.get(node, {})
+    return [checks[c] for c in sorted(checks) if checks[c].get("ServiceID", "") in ("", service_id)]
+
+
+def health_service_entries(
+    store: StateStore,
+    name: str,
+    passing: bool = False,
+    tags: list[str] = (),
+    node_meta: list[tuple[str, str]] = (),
+    connect: bool = False,
+) -> tuple[Index, list[dict]]:
+    if connect:
+        index, catalog_entries = catalog_connect(store, name)
+        instances = [(e["Node"], store.services[e["Node"]][e["ServiceID"]]) for e in catalog_entries]
+    else:
+        index, instances = _service_index(store, name), _sorted_instances(store, name)
+    entries = []
+    for node_name, service in instances:
+        node = store.nodes.get(node_name)
+        if node is None or not _tags_match(service, list(tags)) or not _meta_match(node.get("Meta", {}), list(node_meta)):
+            continue
+        checks = _instance_checks(store, node_name, service["ID"])
+        if passing and any(c["Status"] != "passing" for c in checks):
+            continue
+        entries.append({"Node": node, "Service": service, "Checks": checks})
+    return index, entries
+
+
+def health_checks(store: StateStore, name: str) -> tuple[Index, list[dict]]:
+    checks = []
+    for node_name, service in _sorted_instances(store, name):
+        node_checks = store.checks.get(node_name, {})
+        checks.extend(node_checks[c] for c in sorted(node_checks) if node_checks[c].get("ServiceID") == service["ID"])
+    return _service_index(store, name), checks
+
+
+def health_state(store: StateStore, state: str) -> tuple[Index, list[dict]]:
+    checks = []
+    for node_name in sorted(store.checks):
+        for check_id in sorted(store.checks[node_name]):
+            check = store.checks[node_name][check_id]
+            if state == "any" or check["Status"] == state:
+                checks.append(check)
+    return _table(store, "checks", "nodes"), checks
+
+
+def health_node(store: StateStore, node_name: str) -> tuple[Index, list[dict]]:
+    checks = store.checks.get(node_name, {})
+    return store.node_index.get(node_name) or _table(store, "nodes"), [checks[c] for c in sorted(checks)]
+
+
+# -- KV ----------------------------------------------------------------------------------------------
+
+
+def _kv_prefix_index(store: StateStore, prefix: str) -> Index:
+    index = store.kv_tomb_floor
+    for key, entry in store.kv.items():
+        if key.startswith(prefix):
+            index = max(index, entry["ModifyIndex"])
+    for key, tomb in store.kv_tombstones.items():
+        if key.startswith(prefix):
+            index = max(index, tomb)
+    return index or _table(store, "kv")
+
+
+def kv_get(store: StateStore, key: str) -> tuple[Index, dict | None]:
+    entry = store.kv.get(key)
+    if entry is not None:
+        return entry["ModifyIndex"], entry
+    return max(store.kv_tombstones.get(key, 0), store.kv_tomb_floor) or _table(store, "kv"), None
+
+
+def kv_list(store: StateStore, prefix: str) -> tuple[Index, list[dict]]:
+    entries = [store.kv[k] for k in sorted(store.kv) if k.startswith(prefix)]
+    return _kv_prefix_index(store, prefix), entries
+
+
+def kv_keys(store: StateStore, prefix: str, separator: str = "") -> tuple[Index, list[str]]:
+    keys: list[str] = []
+    seen: set[str] = set()
+    for key in sorted(store.kv):
+        if not key.startswith(prefix):
+            continue
+        if separator:
+            cut = key.find(separator, len(prefix))
+            if cut != -1:
+                key = key[: cut + len(separator)]
+        if key not in seen:
+            seen.add(key)
+            keys.append(key)
+    return _kv_prefix_index(store, prefix), keys
+
+
+# -- intentions, config, whole-catalog snapshot ------------------------------------------------------
+
+
+def intentions_list(store: StateStore) -> tuple[Index, list[dict]]:
+    return _table(store, "intentions"), list(store.intentions.values())
+
+
+def config_get(store: StateStore, kind: str, name: str) -> tuple[Index, dict | None]:
+    return _table(store, "config"), store.config_entries.get(kind, {}).get(name)
+
+
+def config_list(store: StateStore, kind: str) -> tuple[Index, list[dict]]:
+    entries = store.config_entries.get(kind, {})
+    return _table(store, "config"), [entries[n] for n in sorted(entries)]
+
+
+def catalog_snapshot(store: StateStore) -> tuple[Index, dict[str, Any]]:
+    """Every node, service and check: what agents watch to keep their DNS view current."""
+    services = [dict(s, Node=n) for n in sorted(store.services) for _, s in sorted(store.services[n].items())]
+    checks = [c for n in sorted(store.checks) for _, c in sorted(store.checks[n].items())]
+    return _table(store, "nodes", "services", "checks"), {
+        "Nodes": [store.nodes[n] for n in sorted(store.nodes)],
+        "Services": services,
+        "Checks": checks,
+    }
+
+
+def meta_get(store: StateStore, key: str) -> tuple[Index, Any]:
+    return _table(store, "meta"), store.meta.get(key)
