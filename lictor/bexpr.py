@@ -26,7 +26,7 @@ from typing import Any
 
 from lictor.errors import BadRequest
 
-__all__ = ["compile_filter", "evaluate_filter", "parse", "MAX_DEPTH", "MAX_LENGTH"]
+__all__ = ["compile_filter", "evaluate_filter", "filter_values", "parse", "MAX_DEPTH", "MAX_LENGTH"]
 
 # Recursion guard: parentheses and `not` chains nest the recursive-descent parser and evaluator.
 MAX_DEPTH = 64
@@ -492,7 +492,7 @@ def _match(m: Match, datum: Any, path: tuple[str, ...]) -> bool:
     cur = datum
     for idx, seg in enumerate(path):
         if isinstance(cur, list):
-            if seg.isdigit():
+            if seg.isascii() and seg.isdigit():  # "²".isdigit() is True but int() rejects it
                 n = int(seg)
                 cur = cur[n] if n < len(cur) else _MISSING
                 continue
@@ -539,3 +539,11 @@ def evaluate_filter(expr: str | None, items: Iterable[Any]) -> list[Any]:
         return items
     pred = compile_filter(expr)
     return [it for it in items if pred(it)]
+
+
+def filter_values(expr: str | None, mapping: dict[str, Any]) -> dict[str, Any]:
+    """For map-shaped answers (/v1/agent/services, /v1/agent/checks): keep entries whose value matches."""
+    if expr is None or expr == "":
+        return dict(mapping)
+    pred = compile_filter(expr)
+    return {k: v for k, v in mapping.items() if pred(v)}

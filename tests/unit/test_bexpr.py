@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lictor.bexpr import MAX_DEPTH, compile_filter, evaluate_filter
+from lictor.bexpr import MAX_DEPTH, compile_filter, evaluate_filter, filter_values
 from lictor.errors import BadRequest
 
 # A /v1/health/service entry, PascalCase like the API returns it.
@@ -181,6 +181,17 @@ def test_evaluate_filter_keeps_order_and_empty_filter_keeps_all() -> None:
     assert evaluate_filter(None, items) == items
     with pytest.raises(BadRequest):
         evaluate_filter("Service.Service ==", items)
+
+
+def test_filter_values_for_map_answers() -> None:
+    services = {"a": {"Service": "a", "Tags": ["x"]}, "b": {"Service": "b", "Tags": []}}
+    assert list(filter_values("Tags contains x", services)) == ["a"]
+    assert filter_values("", services) == services
+
+
+def test_unicode_digit_segments_do_not_crash() -> None:
+    assert compile_filter('A["\u00b2"] == 1')({"A": [1, 2]}) is False
+    assert compile_filter('"/A/\u00b2" == 1')({"A": [1]}) is False
 
 
 def test_null_values_and_odd_data() -> None:
