@@ -274,7 +274,9 @@ class _Parser:
         start = self.peek()
         if start.kind == "eof":
             raise self.fail(start, "a selector or value")
-        first = self.operand()
+        # A bare value may be a keyword (`empty in Service.Tags`) only where `in` makes it unambiguous.
+        value_first = self.is_word("in", 1) or (self.is_word("not", 1) and self.is_word("in", 2))
+        first = self.operand(allow_keyword=value_first)
         # Value (not) in Selector
         if self.is_word("in") or (self.is_word("not") and self.is_word("in", 1)):
             negate = self.next().text == "not"

@@ -111,6 +111,8 @@ ENTRY = {
         ("Service.Service == web and(Node.Node == node-1)", True),
         # keyword-ish values
         ("Service.Kind == empty", False),
+        ("empty in Service.Tags", False),
+        ("empty not in Service.Tags", True),
         ('Service.Meta.version == "\\x31.2.3"', True),
     ],
 )
