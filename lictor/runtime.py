@@ -88,6 +88,7 @@ class Agent:
             if self.server is not None:
                 await self.server.start_consensus()
                 self.app.router.routes.extend(self.server.api.routes())
+                self.app.router.routes.extend(self._optional_server_routes())
                 print(f"    Raft: {config.raft_addr} ({'in-memory' if config.dev else config.data_dir})", flush=True)
             await self._start_local_agent()
             self._ready = True
@@ -101,6 +102,15 @@ class Agent:
                 await asyncio.wait_for(serve_task, 5)
             except (TimeoutError, asyncio.CancelledError, Exception):
                 pass
+
+    def _optional_server_routes(self) -> list[Any]:
+        """Server-side endpoints that live in their own modules (Connect, config entries)."""
+        try:
+            from lictor.registry.connect_http import ConnectAPI
+        except ImportError:
+            return []
+        self.connect_api = ConnectAPI(self.server.log, self.server.api.info, self.config)
+        return self.connect_api.routes()
 
     async def _start_local_agent(self) -> None:
         try:
