@@ -231,21 +231,17 @@ async def test_script_exit_codes_and_output(runner: tuple[CheckRunner, Recorder]
     r.add(spec({"name": "missing", "args": ["/nonexistent/check"], "interval": "1s"}, interval=0.2))
     r.add(
         spec(
-            {"name": "big", "args": ["sh", "-c", "printf 'a%.0s' $(seq 1 50); printf END"], "interval": "1s"},
+            {
+                "name": "big",
+                "args": ["sh", "-c", "printf 'a%.0s' $(seq 1 50); printf END"],
+                "interval": "1s",
+                "output_max_size": 8,
+            },
             interval=0.2,
         )
     )
-    r.checks_big = None  # type: ignore[attr-defined]
-    big = r._checks["big"].spec
-    big.output_max_size = 8
-    await until(
-        lambda: (
-            all(r.status(c)[0] != C or c in ("crit", "missing") for c in ("ok", "warn"))  # type: ignore[index]
-            and r.runs("crit") > 0
-            and r.runs("missing") > 0
-            and r.runs("big") > 0
-        )
-    )
+    names = ("ok", "warn", "crit", "missing", "big")
+    await until(lambda: all(r.runs(c) > 0 for c in names))
     assert r.status("ok") == (P, "fine\n")
     assert r.status("warn") == (W, "meh\n")
     assert r.status("crit") == (C, "")
