@@ -18,7 +18,14 @@ from typing import Any
 
 import httpx
 from lictor.registry import views
-from lictor.registry.http import RegistryAPI, ServerInfo
+from lictor.registry.http import (
+    CATALOG_CHECK,
+    CATALOG_SERVICE,
+    RegistryAPI,
+    ServerInfo,
+    normalize_catalog_check,
+    normalize_service,
+)
 from lictor.registry.raft import ConsensusLog, LocalLog, RaftLog, RaftSettings, new_command
 from lictor.registry.state import LIVENESS_CHECK_ID
 from starlette.requests import Request
@@ -26,7 +33,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from lictor.config import AgentConfig
-from lictor.decode import Str, Struct, decode_body
+from lictor.decode import ListOf, MapOf, Str, Struct, check_name, decode_body
 from lictor.errors import APIError, BadRequest
 from lictor.httpapi import empty_ok, guarded, json_response, read_body
 
@@ -37,6 +44,17 @@ HELLO = Struct(
     {"Node": Str(), "RaftAddr": Str(), "HTTPAddr": Str(), "Datacenter": Str()},
 )
 HEARTBEAT = Struct("Heartbeat", {"Node": Str()})
+AGENT_SYNC = Struct(
+    "AgentSync",
+    {
+        "ID": Str(), "Node": Str(), "Address": Str(), "Datacenter": Str(), "TaggedAddresses": MapOf(Str()),
+        "NodeMeta": MapOf(Str()), "Services": ListOf(CATALOG_SERVICE), "Checks": ListOf(CATALOG_CHECK),
+    },
+)
+CHECK_UPDATES = Struct(
+    "CheckUpdates",
+    {"Node": Str(), "Updates": ListOf(Struct("CheckUpdate", {"CheckID": Str(), "Status": Str(), "Output": Str()}))},
+)
 SERVER_META_PREFIX = "server/"
 
 
@@ -175,7 +193,6 @@ class ServerAgent:
             try:
                 record = {"Node": config.node, "RaftAddr": config.raft_addr, "HTTPAddr": config.http_addr}
                 await self.log.submit(new_command("meta_set", Key=SERVER_META_PREFIX + config.raft_addr, Value=record))
-                await self.log.submit(new_command("register", **self.own_registration()))
                 return
             except APIError as exc:
                 log.info("announcing this server failed (%s); retrying", exc.message)
@@ -372,6 +389,30 @@ class ServerAgent:
         await self.heartbeat(body["Node"])
         return empty_ok()
 
+    async def agent_sync_endpoint(self, request: Request) -> Response:
+        """A client agent's full state for its node (anti-entropy)."""
+        if self.log is None:
+            raise APIError("No cluster leader", 500)
+        body = decode_body(await read_body(request, 64 * 1024 * 1024), AGENT_SYNC)
+        node = body.get("Node", "")
+        if not node or not body.get("Address"):
+            raise BadRequest("Missing Node or Address")
+        check_name(node, "node name")
+        body["Services"] = [normalize_service(s) for s in body.get("Services", [])]
+        body["Checks"] = [normalize_catalog_check(c, node) for c in body.get("Checks", [])]
+        await self.log.submit(new_command("sync_node", **body))
+        self.last_seen[node] = time.monotonic()
+        return empty_ok()
+
+    async def agent_checks_endpoint(self, request: Request) -> Response:
+        if self.log is None:
+            raise APIError("No cluster leader", 500)
+        body = decode_body(await read_body(request, 64 * 1024 * 1024), CHECK_UPDATES)
+        if not body.get("Node"):
+            raise BadRequest("Missing Node")
+        await self.log.submit(new_command("check_batch", Node=body["Node"], Updates=body.get("Updates", [])))
+        return empty_ok()
+
     async def snapshot_endpoint(self, request: Request) -> Response:
         assert self.api is not None
         opts, index, data = await self.api._read(request, views.catalog_snapshot)
@@ -402,6 +443,8 @@ class ServerAgent:
             Route("/v1/internal/cluster/join", guarded(self.join_endpoint), methods=["POST"]),
             Route("/v1/internal/heartbeat", guarded(self.heartbeat_endpoint), methods=["PUT"]),
             Route("/v1/internal/snapshot", guarded(self.snapshot_endpoint), methods=["GET"]),
+            Route("/v1/internal/agent/sync", guarded(self.agent_sync_endpoint), methods=["PUT"]),
+            Route("/v1/internal/agent/checks", guarded(self.agent_checks_endpoint), methods=["PUT"]),
         ]
 
     async def close(self) -> None:

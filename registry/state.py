@@ -37,6 +37,22 @@ def _err(message: str, status: int = 400) -> Result:
     return {"ok": False, "error": message, "status": status}
 
 
+def liveness_check(status: str, output: str) -> dict[str, Any]:
+    """The server-owned node check that says whether the node's agent is alive."""
+    return {
+        "CheckID": LIVENESS_CHECK_ID,
+        "Name": "Serf Health Status",
+        "Status": status,
+        "Notes": "",
+        "Output": output,
+        "ServiceID": "",
+        "Type": "",
+        "Interval": "",
+        "Timeout": "",
+        "Definition": {},
+    }
+
+
 class CommandError(Exception):
     """Raised inside apply for a rejected command; turned into an error result, never escapes."""
 
@@ -350,7 +366,23 @@ class StateStore:
         for check in checks.values():
             if check["CheckID"] != LIVENESS_CHECK_ID:
                 self._upsert_check(node, check)
+        if LIVENESS_CHECK_ID not in self.checks.get(node, {}):
+            # The agent just reached us, so it is alive; from now on the leader watches it.
+            self._upsert_check(node, liveness_check("passing", "Agent alive and reachable"))
         return _ok(True)
+
+    def op_check_batch(self, cmd: dict[str, Any]) -> Result:
+        """Many check results of one node in one entry: agents coalesce status changes."""
+        node = cmd.get("Node", "")
+        applied = 0
+        for update in cmd.get("Updates") or []:
+            check = self.checks.get(node, {}).get(update.get("CheckID", ""))
+            status = update.get("Status")
+            if check is None or status not in CHECK_STATUSES:
+                continue  # a full sync will follow for anything the servers don't know yet
+            self._upsert_check(node, dict(check, Status=status, Output=update.get("Output", "")))
+            applied += 1
+        return _ok(applied)
 
     def op_check_status(self, cmd: dict[str, Any]) -> Result:
         """Set a check's status and output (agent pushes, TTL updates, node liveness)."""
@@ -361,16 +393,7 @@ class StateStore:
         if check is None:
             if check_id != LIVENESS_CHECK_ID or node not in self.nodes:
                 raise CommandError(f"Unknown check ID {check_id!r} on node {node!r}", 404)
-            check = {
-                "CheckID": LIVENESS_CHECK_ID,
-                "Name": "Serf Health Status",
-                "Notes": "",
-                "ServiceID": "",
-                "Type": "",
-                "Interval": "",
-                "Timeout": "",
-                "Definition": {},
-            }
+            check = liveness_check(status, "")
         updated = dict(check, Status=status, Output=cmd.get("Output", ""))
         self._upsert_check(node, updated)
         return _ok(True)
@@ -542,6 +565,7 @@ _HANDLERS: dict[str, Callable[[StateStore, dict[str, Any]], Result]] = {
     "deregister": StateStore.op_deregister,
     "sync_node": StateStore.op_sync_node,
     "check_status": StateStore.op_check_status,
+    "check_batch": StateStore.op_check_batch,
     "kv_set": StateStore.op_kv_set,
     "kv_delete": StateStore.op_kv_delete,
     "txn": StateStore.op_txn,
