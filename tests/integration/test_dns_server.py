@@ -59,10 +59,10 @@ def _answers(out: str, rtype: str) -> list[list[str]]:
     return rows
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[DnsServer]:
+@pytest.fixture(params=[True, False], ids=["udp-batch", "udp-protocol"])
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[DnsServer]:
     view = CatalogView.from_snapshot(_snapshot(), "dc1")
-    srv = DnsServer(lambda: view, DnsConfig(), port=0, rng=random.Random(7))
+    srv = DnsServer(lambda: view, DnsConfig(), port=0, rng=random.Random(7), udp_batch=request.param)
     await asyncio.wait_for(srv.start(), 5)
     yield srv
     await asyncio.wait_for(srv.stop(), 5)

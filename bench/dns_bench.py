@@ -1,0 +1,203 @@
+"""DNS benchmark: Lictor's DnsServer vs unbound serving the same static records.
+
+Usage (needs `apt-get install -y dnsperf unbound`):
+    .venv/bin/python bench/dns_bench.py [--seconds 10] [--uvloop] [--rate 3000]
+
+For each server it runs dnsperf twice: unthrottled (max QPS) and at a fixed
+rate with per-query latencies (-v) to compute p50/p99. Prints a table and the
+Lictor/unbound QPS ratio. `--serve PORT` is the internal mode used to run our
+server in its own process so that it does not share a core with the driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+N_NODES = 5
+SERVICES = {"api": 3, "web": 5}
+
+
+def snapshot() -> dict[str, Any]:
+    nodes = [{"Node": f"n{i}", "Address": f"10.0.0.{i}", "Datacenter": "dc1"} for i in range(1, N_NODES + 1)]
+    services = [
+        {"Node": f"n{i}", "ID": name, "Service": name, "Tags": ["v1"], "Port": 8000 + i}
+        for name, count in SERVICES.items()
+        for i in range(1, count + 1)
+    ]
+    return {"Nodes": nodes, "Services": services, "Checks": []}
+
+
+QUERIES = [
+    "api.service.consul A",
+    "api.service.consul SRV",
+    "web.service.consul A",
+    "web.service.consul SRV",
+    "n1.node.consul A",
+    "n3.node.dc1.consul A",
+    "missing.service.consul A",
+]
+
+
+def unbound_conf(port: int, workdir: str, threads: int) -> str:
+    lines = [
+        "server:",
+        "  interface: 127.0.0.1",
+        f"  port: {port}",
+        "  do-daemonize: no",
+        '  chroot: ""',
+        '  username: ""',
+        f'  directory: "{workdir}"',
+        '  pidfile: ""',
+        "  use-syslog: no",
+        "  verbosity: 0",
+        f"  num-threads: {threads}",
+        '  module-config: "iterator"',
+        "  access-control: 127.0.0.0/8 allow",
+        '  local-zone: "consul." static',
+        '  local-data: "consul. 0 IN SOA ns.consul. hostmaster.consul. 1 3600 600 86400 0"',
+    ]
+    for i in range(1, N_NODES + 1):
+        lines.append(f'  local-data: "n{i}.node.consul. 0 IN A 10.0.0.{i}"')
+        lines.append(f'  local-data: "n{i}.node.dc1.consul. 0 IN A 10.0.0.{i}"')
+    for name, count in SERVICES.items():
+        for i in range(1, count + 1):
+            lines.append(f'  local-data: "{name}.service.consul. 0 IN A 10.0.0.{i}"')
+            lines.append(f'  local-data: "{name}.service.consul. 0 IN SRV 1 1 {8000 + i} n{i}.node.dc1.consul."')
+    lines.append("remote-control:\n  control-enable: no")
+    return "\n".join(lines) + "\n"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(
+            ["dig", "@127.0.0.1", "-p", str(port), "+time=1", "+tries=1", "+short", "n1.node.consul"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if "10.0.0.1" in r.stdout:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"server on port {port} not ready")
+
+
+def dnsperf(port: int, qfile: str, seconds: int, rate: int | None, clients: int, outstanding: int = 100) -> dict[str, float]:
+    cmd = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", qfile, "-l", str(seconds), "-c", str(clients)]
+    cmd += ["-q", str(outstanding)]
+    if rate:
+        cmd += ["-Q", str(rate), "-v"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    res: dict[str, float] = {}
+    m = re.search(r"Queries per second:\s+([\d.]+)", out)
+    res["qps"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"Queries lost:\s+(\d+)", out)
+    res["lost"] = float(m.group(1)) if m else -1.0
+    lats = sorted(float(line.split()[-1]) for line in out.splitlines() if line.startswith(">"))
+    if lats:
+        res["p50_ms"] = lats[len(lats) // 2] * 1000
+        res["p99_ms"] = lats[min(len(lats) - 1, int(len(lats) * 0.99))] * 1000
+    return res
+
+
+def serve(port: int, use_uvloop: bool) -> None:
+    from lictor.dns.resolver import DnsConfig
+    from lictor.dns.server import DnsServer
+    from lictor.dns.view import CatalogView
+
+    view = CatalogView.from_snapshot(snapshot(), "dc1")
+
+    async def main() -> None:
+        server = DnsServer(lambda: view, DnsConfig(), port=port)
+        await server.start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await server.stop()
+        print(f"lictor stats: {server.stats}", file=sys.stderr)
+
+    if use_uvloop:
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(main())
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    for tool in ("dnsperf", "unbound", "dig"):
+        if shutil.which(tool) is None:
+            print(f"missing {tool}: apt-get install -y dnsperf unbound bind9-dnsutils", file=sys.stderr)
+            return 2
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        qfile = os.path.join(tmp, "queries.txt")
+        Path(qfile).write_text("\n".join(QUERIES) + "\n")
+        servers: dict[str, list[str]] = {}
+        lport = free_port()
+        servers["lictor"] = [sys.executable, __file__, "--serve", str(lport)] + (["--uvloop"] if args.uvloop else [])
+        uport = free_port()
+        conf = os.path.join(tmp, "unbound.conf")
+        Path(conf).write_text(unbound_conf(uport, tmp, args.unbound_threads))
+        servers["unbound"] = ["unbound", "-d", "-c", conf]
+        ports = {"lictor": lport, "unbound": uport}
+        for name, cmd in servers.items():
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None)
+            try:
+                wait_ready(ports[name])
+                maxq = dnsperf(ports[name], qfile, args.seconds, None, args.clients, args.outstanding)
+                lat = dnsperf(ports[name], qfile, args.seconds, args.rate, args.clients)
+                results[name] = {"qps": maxq["qps"], "lost": maxq["lost"], **{k: v for k, v in lat.items() if "ms" in k}}
+                results[name]["rate_lost"] = lat["lost"]
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    print(f"{'server':10} {'max QPS':>10} {'lost':>6} {'p50@' + str(args.rate):>10} {'p99@' + str(args.rate):>10}")
+    for name, r in results.items():
+        print(
+            f"{name:10} {r['qps']:10.0f} {r['lost']:6.0f} {r.get('p50_ms', float('nan')):9.2f}ms {r.get('p99_ms', float('nan')):9.2f}ms"
+        )
+    if results.get("unbound", {}).get("qps"):
+        print(f"ratio lictor/unbound QPS: {results['lictor']['qps'] / results['unbound']['qps']:.1%}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--uvloop", action="store_true", help="run our server on uvloop")
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--rate", type=int, default=3000, help="QPS for the latency run")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--unbound-threads", type=int, default=1)
+    p.add_argument("--outstanding", type=int, default=200, help="dnsperf -q for the max-QPS run")
+    args = p.parse_args()
+    if args.serve:
+        serve(args.serve, args.uvloop)
+        return 0
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
