@@ -1,0 +1,18 @@
+"""Consul-compatible DNS interface: catalog view, pure resolver and UDP/TCP server."""
+
+from .resolver import FORWARD, DnsConfig, Forward, SoaConfig, resolve, resolve_wire
+from .server import DnsServer
+from .view import CatalogView, NodeInfo, ServiceInstance
+
+__all__ = [
+    "FORWARD",
+    "CatalogView",
+    "DnsConfig",
+    "DnsServer",
+    "Forward",
+    "NodeInfo",
+    "ServiceInstance",
+    "SoaConfig",
+    "resolve",
+    "resolve_wire",
+]
