@@ -154,6 +154,7 @@ class LocalStore:
     async def open(self) -> None:
         if self.path is None:
             return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.db = await aiosqlite.connect(self.path)
         await self.db.execute("PRAGMA journal_mode=WAL")
         await self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged registration survives a crash
