@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from lictor.agent.definitions import CRITICAL, PASSING, VALID_STATUSES, WARNING, CheckSpec
 
+from lictor.agent.definitions import CRITICAL, PASSING, VALID_STATUSES, WARNING, CheckSpec
 from lictor.durations import format_duration
 from lictor.errors import APIError, BadRequest, NotFound
 

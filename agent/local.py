@@ -22,6 +22,10 @@ from typing import Any
 
 import aiosqlite
 import httpx
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
 from lictor.agent.checks import CheckRunner
 from lictor.agent.definitions import (
     CRITICAL,
@@ -33,15 +37,11 @@ from lictor.agent.definitions import (
     decode_service_registration,
     load_config_dir,
 )
-from lictor.registry.raft import new_command
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
-
 from lictor.config import AgentConfig
 from lictor.decode import AnyValue, Str, Struct, decode_body
 from lictor.errors import APIError, BadRequest, NotFound
 from lictor.httpapi import empty_ok, guarded, json_response, parse_bool, read_body
+from lictor.registry.raft import new_command
 
 log = logging.getLogger("lictor.agent")
 

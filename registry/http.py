@@ -12,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lictor.registry import views
-from lictor.registry.raft import ConsensusLog, new_command
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -43,6 +41,8 @@ from lictor.httpapi import (
     query_options,
     read_body,
 )
+from lictor.registry import views
+from lictor.registry.raft import ConsensusLog, new_command
 
 KV_MAX_VALUE = 512 * 1024
 KV_MAX_KEY = 2048

@@ -25,9 +25,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from lictor.registry.state import Result, StateStore
-
 from lictor.errors import APIError, NoLeader
+from lictor.registry.state import Result, StateStore
 
 log = logging.getLogger("lictor.raft")
 

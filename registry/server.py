@@ -17,6 +17,14 @@ import time
 from typing import Any
 
 import httpx
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from lictor.config import AgentConfig
+from lictor.decode import ListOf, MapOf, Str, Struct, check_name, decode_body
+from lictor.errors import APIError, BadRequest
+from lictor.httpapi import empty_ok, guarded, json_response, read_body
 from lictor.registry import views
 from lictor.registry.http import (
     CATALOG_CHECK,
@@ -28,14 +36,6 @@ from lictor.registry.http import (
 )
 from lictor.registry.raft import ConsensusLog, LocalLog, RaftLog, RaftSettings, new_command
 from lictor.registry.state import LIVENESS_CHECK_ID
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-
-from lictor.config import AgentConfig
-from lictor.decode import ListOf, MapOf, Str, Struct, check_name, decode_body
-from lictor.errors import APIError, BadRequest
-from lictor.httpapi import empty_ok, guarded, json_response, read_body
 
 log = logging.getLogger("lictor.server")
 

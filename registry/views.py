@@ -250,10 +250,18 @@ def catalog_snapshot(store: StateStore) -> tuple[Index, dict[str, Any]]:
     """Every node, service and check: what agents watch to keep their DNS view current."""
     services = [dict(s, Node=n) for n in sorted(store.services) for _, s in sorted(store.services[n].items())]
     checks = [c for n in sorted(store.checks) for _, c in sorted(store.checks[n].items())]
-    return _table(store, "nodes", "services", "checks"), {
+    ingress: dict[str, list[str]] = {}
+    for gateway, entry in sorted(store.config_entries.get("ingress-gateway", {}).items()):
+        for listener in entry.get("Listeners") or []:
+            for exposed in listener.get("Services") or []:
+                gateways = ingress.setdefault(exposed.get("Name", ""), [])
+                if gateway not in gateways:
+                    gateways.append(gateway)
+    return _table(store, "nodes", "services", "checks", "config"), {
         "Nodes": [store.nodes[n] for n in sorted(store.nodes)],
         "Services": services,
         "Checks": checks,
+        "IngressServices": ingress,
     }
 
 

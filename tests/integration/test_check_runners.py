@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
+
 from lictor.agent import checks as ck
 from lictor.agent.checks import CheckRunner
 from lictor.agent.definitions import CheckSpec, decode_check_registration

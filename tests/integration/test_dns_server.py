@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
+
 from lictor.dns.resolver import DnsConfig
 from lictor.dns.server import DnsServer
 from lictor.dns.view import CatalogView

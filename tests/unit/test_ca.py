@@ -15,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from lictor.errors import BadRequest
 from lictor.registry.ca import (
     ROOT_NAME,
     cross_sign,
@@ -23,8 +25,6 @@ from lictor.registry.ca import (
     sign_leaf,
     verify_leaf,
 )
-
-from lictor.errors import BadRequest
 
 TD = "7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"
 NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)

@@ -7,9 +7,9 @@ import random
 import time
 
 import pytest
+
 from lictor.agent.checks import CheckRunner, StatusHandler
 from lictor.agent.definitions import CheckSpec, decode_check_registration
-
 from lictor.errors import APIError, BadRequest, NotFound
 
 P, W, C = "passing", "warning", "critical"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from lictor.agent.definitions import (
     CheckSpec,
     ConfigError,
@@ -14,7 +15,6 @@ from lictor.agent.definitions import (
     decode_service_registration,
     load_config_dir,
 )
-
 from lictor.errors import BadRequest
 
 

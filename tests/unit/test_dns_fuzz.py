@@ -9,6 +9,7 @@ import time
 from dnslib import RCODE, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from lictor.dns.resolver import FORWARD, DnsConfig, resolve_wire
 from lictor.dns.server import DnsServer
 from lictor.dns.view import CatalogView

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
+
 from lictor.dns.resolver import FORWARD, DnsConfig, resolve, resolve_wire
 from lictor.dns.view import CatalogView
 

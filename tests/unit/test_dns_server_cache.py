@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from dnslib import EDNS0, RCODE, DNSRecord
+
 from lictor.dns.resolver import FORWARD, DnsConfig
 from lictor.dns.server import DnsServer, _fast_parse
 from lictor.dns.view import CatalogView

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from lictor.errors import BadRequest
 from lictor.registry.intentions import (
     DEFAULT_REASON,
     check_l4,
@@ -17,8 +19,6 @@ from lictor.registry.intentions import (
     validate_config_entry,
     validate_intention,
 )
-
-from lictor.errors import BadRequest
 
 
 def ixn(src: str, dst: str, action: str = "allow", **extra: object) -> dict:

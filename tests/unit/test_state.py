@@ -8,6 +8,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from lictor.registry import views
 from lictor.registry.state import LIVENESS_CHECK_ID, StateStore
 

@@ -1,0 +1,128 @@
+"""The agent's DNS: a catalog view kept current by blocking queries, served by `lictor.dns`.
+
+DNS answers never cost a server round trip: the agent holds a whole-catalog view, refreshed
+the moment the servers report a change (a blocking query on `/v1/internal/snapshot`), or
+directly from the replicated store on a server agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from lictor.config import AgentConfig
+from lictor.dns import CatalogView, DnsConfig, DnsServer
+from lictor.errors import APIError
+from lictor.registry import views
+
+log = logging.getLogger("lictor.dns")
+
+# Rebuilding the view costs O(catalog); coalesce write bursts into one rebuild per this period.
+REBUILD_MIN_PERIOD = 0.05
+
+
+def dns_config(config: AgentConfig) -> DnsConfig:
+    return DnsConfig(
+        domain=config.domain,
+        alt_domain=config.alt_domain or None,
+        node_ttl=int(config.node_ttl),
+        service_ttl={k: int(v) for k, v in config.service_ttl.items()},
+        only_passing=config.only_passing,
+        a_record_limit=config.a_record_limit,
+    )
+
+
+class CatalogFollower:
+    """Holds the current CatalogView and keeps it fresh."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.view = CatalogView.empty(config.datacenter)
+        self.index = 0
+        self.updated = 0.0  # monotonic time of the last successful refresh
+        self._task: asyncio.Task[None] | None = None
+
+    def build(self, snapshot: dict[str, Any]) -> None:
+        servers = [s["Node"] for s in snapshot.get("Services", []) if s.get("Service") == "consul"]
+        self.view = CatalogView.from_snapshot(
+            snapshot, self.config.datacenter, ingress_services=snapshot.get("IngressServices") or {}, servers=servers
+        )
+        self.updated = time.monotonic()
+
+    def get(self) -> CatalogView:
+        return self.view
+
+    async def follow_store(self, log_: Any) -> None:
+        """Server agents: rebuild from the local replicated store whenever it changes."""
+        feed = log_.feed
+        while True:
+            generation = feed.generation
+            index, snapshot = views.read(log_.store, views.catalog_snapshot)
+            if index != self.index:
+                self.index = index
+                self.build(snapshot)
+            await feed.wait(generation, 30.0)
+            await asyncio.sleep(REBUILD_MIN_PERIOD)
+
+    async def follow_servers(self, pool: Any) -> None:
+        """Client agents: a blocking query on the whole catalog, stale reads allowed."""
+        backoff = 0.2
+        while True:
+            try:
+                resp = await pool.request(
+                    "GET", f"/v1/internal/snapshot?stale&index={self.index}&wait=30s", timeout=45.0
+                )
+                if resp.status_code != 200:
+                    raise APIError(f"snapshot answered {resp.status_code}", resp.status_code)
+                index = int(resp.headers.get("X-Consul-Index", "0"))
+                if index < self.index:
+                    self.index = 0  # the servers' index went backwards (restore): start over
+                elif index != self.index:
+                    self.index = index
+                    self.build(resp.json())
+                backoff = 0.2
+                await asyncio.sleep(REBUILD_MIN_PERIOD)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep answering from the last view while servers are away
+                log.debug("catalog follow failed: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def start(self, runtime: Any, pool: Any) -> None:
+        if runtime.server is not None:
+            self._task = asyncio.create_task(self.follow_store(runtime.server.log))
+        else:
+            self._task = asyncio.create_task(self.follow_servers(pool))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class DnsService:
+    """What the runtime stops at shutdown: the follower and the DNS server."""
+
+    def __init__(self, follower: CatalogFollower, server: DnsServer) -> None:
+        self.follower = follower
+        self.server = server
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        await self.follower.stop()
+
+
+async def start_dns(runtime: Any, pool: Any) -> None:
+    config: AgentConfig = runtime.config
+    if config.dns_port < 0:
+        return
+    follower = CatalogFollower(config)
+    follower.start(runtime, pool)
+    server = DnsServer(follower.get, dns_config(config), host=config.client, port=config.dns_port,
+                       recursors=list(config.recursors))
+    await server.start()
+    runtime.extras.append(DnsService(follower, server))
+    runtime.dns = follower
+    print(f"    DNS: {config.client}:{server.port} (UDP and TCP), domain {config.domain}", flush=True)
