@@ -22,11 +22,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from lictor.registry import ca, config_entries, views
-from lictor.registry import intentions as ixns
-from lictor.registry.http import RegistryAPI, ServerInfo
-from lictor.registry.raft import ChangeFeed, ConsensusLog, new_command
-from lictor.registry.state import StateStore
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -36,6 +31,11 @@ from lictor.decode import AnyValue, Bool, Str, Struct, decode_body, parse_json_b
 from lictor.durations import DurationError, format_duration, parse_duration
 from lictor.errors import APIError, BadRequest, NotFound
 from lictor.httpapi import blocking, guarded, json_response, query_bool, query_int, query_options, read_body
+from lictor.registry import ca, config_entries, views
+from lictor.registry import intentions as ixns
+from lictor.registry.http import RegistryAPI, ServerInfo
+from lictor.registry.raft import ChangeFeed, ConsensusLog, new_command
+from lictor.registry.state import StateStore
 
 log = logging.getLogger("lictor.connect")
 
@@ -123,7 +123,10 @@ def _entry_from_intentions(name: str, found: list[dict[str, Any]]) -> dict[str, 
     if not found:
         return None
     meta = next((i.get("EntryMeta") for i in found if i.get("EntryMeta")), None)
-    entry = ixns.config_entry_from_intentions(name, [public_intention(i) for i in found], meta=meta)
+    # Only legacy (ID-carrying) intentions show Legacy* timestamps in the entry, as in Consul.
+    shown = [public_intention(i) if i.get("ID") else
+             {k: v for k, v in public_intention(i).items() if k not in ("CreatedAt", "UpdatedAt")} for i in found]
+    entry = ixns.config_entry_from_intentions(name, shown, meta=meta)
     entry["CreateIndex"] = min(i["CreateIndex"] for i in found)
     entry["ModifyIndex"] = max(i["ModifyIndex"] for i in found)
     return entry
