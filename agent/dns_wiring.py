@@ -89,7 +89,7 @@ class CatalogFollower:
             except Exception as exc:  # keep answering from the last view while servers are away
                 log.debug("catalog follow failed: %s", exc)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
 
     def start(self, runtime: Any, pool: Any) -> None:
         if runtime.server is not None:

@@ -419,8 +419,13 @@ class LocalAgent:
                 self.in_sync = False
                 self.last_sync_error = str(exc)
                 self._full_sync_needed.set()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 15.0)
+                # A new local change retries at once; otherwise back off, up to 10 s.
+                self._wake_sync.clear()
+                try:
+                    await asyncio.wait_for(self._wake_sync.wait(), backoff)
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, 10.0)
                 continue
             timeout = max(0.0, next_full - time.monotonic())
             self._wake_sync.clear()
