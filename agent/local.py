@@ -46,6 +46,7 @@ from lictor.registry.raft import new_command
 log = logging.getLogger("lictor.agent")
 
 NODE_MAINT_ID = "_node_maintenance"
+RAFT_CHECK_ID = "raft_health"
 SERVICE_MAINT_PREFIX = "_service_maintenance:"
 NODE_MAINT_NOTES = "Maintenance mode is enabled for this node, but no reason was provided. This is a default message."
 SERVICE_MAINT_NOTES = "Maintenance mode is enabled for this service, but no reason was provided. This is a default message."
@@ -276,6 +277,8 @@ class LocalAgent:
             self._start_check(spec, status, output, deadline, source)
         await self._load_config_dir()
         self._full_sync_needed.set()
+        if self.config.server and not self.config.dev:
+            await self._register_raft_check()
         self._tasks = [
             asyncio.create_task(self._sync_loop()),
             asyncio.create_task(self._heartbeat_loop()),
@@ -293,6 +296,26 @@ class LocalAgent:
         current = self.runner.status(spec.check_id)
         if current:
             self.checks[spec.check_id].status, self.checks[spec.check_id].output = current
+
+    async def _register_raft_check(self) -> None:
+        """A node check that turns critical when this server's Raft node is wedged or leaderless.
+
+        It is a TTL check fed by a loop: if the loop itself stalls, the TTL expires and the
+        check goes critical too.
+        """
+        spec = CheckSpec(check_id=RAFT_CHECK_ID, name="Raft health", kind="ttl", ttl=10.0, status=CRITICAL,
+                         notes="Critical when apply is stuck below commit, the tick thread fails, or no leader")
+        self.checks[RAFT_CHECK_ID] = LocalCheck(spec, CRITICAL, "", "internal")
+        self.runner.add(spec)
+        self._tasks.append(asyncio.create_task(self._raft_health_loop()))
+
+    async def _raft_health_loop(self) -> None:
+        server = getattr(self.backend, "server", None)
+        while True:
+            if server is not None and server.log is not None:
+                healthy, reason = server.log.health()
+                self.runner.ttl_update(RAFT_CHECK_ID, PASSING if healthy else CRITICAL, reason)
+            await asyncio.sleep(2.0)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -608,7 +631,7 @@ class LocalAgent:
             if source != "api" and sid not in wanted_services and sid in self.services:
                 await self.deregister_service(sid)
         for cid, check in list(self.checks.items()):
-            if check.source != "api" and cid not in wanted_checks:
+            if check.source not in ("api", "internal") and cid not in wanted_checks:
                 await self.deregister_check(cid)
 
     async def reload(self) -> None:
@@ -860,8 +883,11 @@ def _health_reply(request: Request, status: str, body: Any, code: int | None = N
 
 # -- forwarding (client agents) --------------------------------------------------------------------
 
+# Connect's agent endpoints (leaf certificates, roots, authorize) are served by the servers'
+# agents for now: the leaf cache lives there, one per service name, shared by every host.
 FORWARDED_PREFIXES = ("/v1/catalog/", "/v1/health/", "/v1/kv/", "/v1/txn", "/v1/status/", "/v1/operator/",
-                      "/v1/connect/", "/v1/config", "/v1/internal/snapshot", "/v1/discovery-chain/")
+                      "/v1/connect/", "/v1/config", "/v1/internal/snapshot", "/v1/discovery-chain/",
+                      "/v1/agent/connect/")
 
 
 def forwarding_route(pool: ServerPool) -> Callable[[Request], Awaitable[Response]]:
