@@ -488,3 +488,26 @@ def test_leaf_ttl_comes_from_agent_config(fast_leaf_agent: AgentProc) -> None:
     after = datetime.fromisoformat(leaf["ValidAfter"].replace("Z", "+00:00"))
     before = datetime.fromisoformat(leaf["ValidBefore"].replace("Z", "+00:00"))
     assert 2 * 3600 <= (before - after).total_seconds() <= 2 * 3600 + 120
+
+
+@pytest.mark.slow
+def test_cluster_bootstraps_one_ca_and_any_server_serves_connect(cluster, tmp_path: Path) -> None:  # noqa: ANN001
+    from procs import wait_until
+
+    def roots_everywhere() -> set[str]:
+        ids = {client(s).connect.ca.roots()["ActiveRootID"] for s in cluster.servers}
+        return ids if len(ids) == 1 and "" not in ids else set()
+
+    (active,) = wait_until(roots_everywhere, 30, 0.2, "one CA root on every server")
+    leader = cluster.leader_proc()
+    follower = next(s for s in cluster.servers if s is not leader)
+    roots = client(follower).connect.ca.roots()
+    assert roots["ActiveRootID"] == active and len(roots["Roots"]) == 1
+    leaf = client(follower).agent.connect.ca.leaf("web")
+    assert openssl_verify(tmp_path, [r["RootCert"] for r in roots["Roots"]], leaf["CertPEM"]).returncode == 0
+    # Writes through a follower land in the replicated state and are visible on the leader.
+    assert client(follower).connect.intentions.upsert("web", "db", action="deny")
+    assert client(follower).config.set("service-defaults", "web", {"Protocol": "http"})
+    wait_until(lambda: client(leader).connect.intentions.read("web", "db") is not None, 10, 0.1, "intention")
+    assert client(leader).connect.intentions.check("web", "db") is False
+    assert client(leader).config.get("service-defaults", "web")["Protocol"] == "http"
