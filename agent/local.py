@@ -887,7 +887,7 @@ def _health_reply(request: Request, status: str, body: Any, code: int | None = N
 # agents for now: the leaf cache lives there, one per service name, shared by every host.
 FORWARDED_PREFIXES = ("/v1/catalog/", "/v1/health/", "/v1/kv/", "/v1/txn", "/v1/status/", "/v1/operator/",
                       "/v1/connect/", "/v1/config", "/v1/internal/snapshot", "/v1/discovery-chain/",
-                      "/v1/agent/connect/")
+                      "/v1/agent/connect/", "/v1/snapshot")
 
 
 def forwarding_route(pool: ServerPool) -> Callable[[Request], Awaitable[Response]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ from lictor.registry import views
 from lictor.registry.raft import ConsensusLog, new_command
 
 KV_MAX_VALUE = 512 * 1024
+SNAPSHOT_MAX = 256 * 1024 * 1024
 KV_MAX_KEY = 2048
 CHECK_STATUSES = ("passing", "warning", "critical")
 
@@ -533,6 +535,29 @@ class RegistryAPI:
         await self.log.remove_peer(address)
         return empty_ok()
 
+    # -- snapshots ----------------------------------------------------------------------------------
+
+    async def snapshot_save(self, request: Request) -> Response:
+        """The whole replicated state as JSON (never pickle: a snapshot may come from anyone)."""
+        self._check_dc(request)
+        if query_bool(request, "consistent") or not query_bool(request, "stale"):
+            await self.log.barrier()
+        with self.store.lock:
+            state = self.store.export()
+            index = self.store.index
+        body = json.dumps({"Format": "lictor-snapshot", "Version": 1, "Index": index, "State": state})
+        return Response(body, media_type="application/json", headers={"X-Consul-Index": str(max(index, 1))})
+
+    async def snapshot_restore(self, request: Request) -> Response:
+        self._check_dc(request)
+        data = parse_json_body(await read_body(request, SNAPSHOT_MAX), SNAPSHOT_MAX)
+        if not isinstance(data, dict) or data.get("Format") != "lictor-snapshot":
+            raise BadRequest("Not a Lictor snapshot: expected the JSON written by GET /v1/snapshot")
+        if data.get("Version") != 1:
+            raise BadRequest(f"Unsupported snapshot version {data.get('Version')!r}")
+        await self.log.submit(new_command("restore", State=data.get("State")), timeout=30.0)
+        return empty_ok()
+
     # -- routes -----------------------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
@@ -558,6 +583,8 @@ class RegistryAPI:
             Route("/v1/status/peers", g(self.status_peers), methods=["GET"]),
             Route("/v1/operator/raft/configuration", g(self.operator_raft_configuration), methods=["GET"]),
             Route("/v1/operator/raft/peer", g(self.operator_raft_remove_peer), methods=["DELETE"]),
+            Route("/v1/snapshot", g(self.snapshot_save), methods=["GET"]),
+            Route("/v1/snapshot", g(self.snapshot_restore), methods=["PUT"]),
         ]
 
 

@@ -551,6 +551,35 @@ class StateStore:
         self._touch("meta")
         return _ok(True)
 
+    def export(self) -> dict[str, Any]:
+        """The replicated data as plain JSON-able data (snapshot save). Caller holds the lock."""
+        data = self.__getstate__()
+        data.pop("recent_requests", None)
+        return copy.deepcopy(data)
+
+    def op_restore(self, cmd: dict[str, Any]) -> Result:
+        """Replace everything with a saved snapshot. Indexes only move forward, so blocking
+        queries and clients that remember an index see the restore as one more change."""
+        data = cmd.get("State")
+        if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
+            raise CommandError("snapshot is not a Lictor state export")
+        fields = ("nodes", "services", "checks", "kv", "kv_tombstones", "intentions", "config_entries", "meta")
+        restored = {name: copy.deepcopy(data.get(name) or {}) for name in fields}
+        for name, value in restored.items():
+            if not isinstance(value, dict):
+                raise CommandError(f"snapshot field {name!r} is not an object")
+        index = self.index
+        for name, value in restored.items():
+            setattr(self, name, value)
+        self.kv_tomb_floor = index
+        # Every resource changed at this index.
+        self.table_index = {t: index for t in ("nodes", "services", "checks", "kv", "intentions", "config", "meta")}
+        self.service_index = {name: index for name in self.service_index} | {
+            s["Service"]: index for services in self.services.values() for s in services.values()
+        }
+        self.node_index = {name: index for name in set(self.node_index) | set(self.nodes)}
+        return _ok(True)
+
     def op_noop(self, cmd: dict[str, Any]) -> Result:
         """The read barrier: once applied here, everything committed before it is applied too."""
         return _ok(self.index)
@@ -575,4 +604,5 @@ _HANDLERS: dict[str, Callable[[StateStore, dict[str, Any]], Result]] = {
     "config_delete": StateStore.op_config_delete,
     "meta_set": StateStore.op_meta_set,
     "noop": StateStore.op_noop,
+    "restore": StateStore.op_restore,
 }

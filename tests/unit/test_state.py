@@ -183,3 +183,21 @@ def test_replicas_applying_the_same_log_are_identical(log: list[tuple[str, int, 
     state_a, state_b = a.__getstate__(), b.__getstate__()
     state_a.pop("index"), state_b.pop("index")
     assert state_a == state_b
+
+
+def test_restore_replaces_state_and_moves_indexes_forward() -> None:
+    store = StateStore()
+    register(store, "n1", service("web"))
+    store.apply(cmd("kv_set", Key="a", Value="MQ==", Flags=0))
+    with store.lock:
+        saved = store.export()
+    store.apply(cmd("kv_set", Key="b", Value="Mg==", Flags=0))
+    store.apply(cmd("deregister", Node="n1"))
+    before = store.index
+    assert store.apply(cmd("restore", State=saved))["ok"]
+    assert sorted(store.kv) == ["a"] and "n1" in store.nodes
+    index, entries = views.read(store, views.health_service_entries, "web")
+    assert index > before and len(entries) == 1
+    assert views.read(store, views.kv_get, "b")[0] > before
+    assert store.apply(cmd("restore", State={"nodes": []}))["ok"] is False
+    assert sorted(store.kv) == ["a"]
