@@ -216,6 +216,9 @@ def finalize(config: AgentConfig) -> AgentConfig:
         raise ConfigError("-data-dir is required (or use -dev for an in-memory agent)")
     if config.data_dir:
         config.data_dir = os.path.abspath(config.data_dir)
+    if config.server and not config.dev and not config.encrypt:
+        # Without a key, pysyncobj's Raft port unpickles whatever a stranger sends.
+        raise ConfigError("servers need a cluster key: pass -encrypt \"$(lictor keygen)\" (the same on every server)")
     if config.default_intention_policy not in ("allow", "deny"):
         raise ConfigError("-default-intention-policy must be allow or deny")
     if not config.domain.endswith("."):
