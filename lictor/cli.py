@@ -162,4 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m lictor.cli` runs this file as __main__: use the importable module instead, so the
+    # commands lictor.cli_extra registers (and its CLIError) are the ones main() sees.
+    from lictor.cli import main as _main
+
+    sys.exit(_main())
