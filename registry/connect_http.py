@@ -652,26 +652,18 @@ class ConnectAPI:
     async def _put_service_intentions(self, entry: dict[str, Any], cas: int | None) -> bool:
         name = entry["Name"]
         desired = ixns.intentions_from_config_entry(entry)
-        items = self._intentions()
-        existing = [i for i in items if i["DestinationName"] == name]
-        if cas is not None:
-            current_index = max((i["ModifyIndex"] for i in existing), default=None)
-            if (cas == 0 and existing) or (cas != 0 and current_index != cas):
-                return False
-        # Several commands, not one: there is no state op replacing a destination's intentions
-        # atomically yet, so a crash between them leaves a partial (but valid) set.
-        wanted = {i["SourceName"] for i in desired}
-        for old in existing:
-            if old["SourceName"] not in wanted:
-                await self.log.submit(new_command("intention_delete", SourceName=old["SourceName"],
-                                                  DestinationName=name))
+        # One command: the destination's intentions change together or not at all.
+        records = []
         for ixn in desired:
             ixn.pop("CreateIndex", None)
             ixn.pop("ModifyIndex", None)
             if entry.get("Meta"):
                 ixn["EntryMeta"] = dict(entry["Meta"])
-            await self.log.submit(self._upsert_command(ixn, []))
-        return True
+            records.append(self._upsert_command(ixn, [])["Intention"])
+        result = await self.log.submit(
+            new_command("intentions_replace", DestinationName=name, Intentions=records, Cas=cas)
+        )
+        return bool(result)
 
     async def config_get(self, request: Request) -> Response:
         kind = self._kind(request)
@@ -701,12 +693,12 @@ class ConnectAPI:
         cas = query_int(request, "cas")
         if kind == "service-intentions":
             existing = [i for i in self._intentions() if i["DestinationName"] == name]
-            if cas is not None and (not existing or max(i["ModifyIndex"] for i in existing) != cas):
+            if cas is not None and not existing:
                 return json_response(False)
-            for old in existing:
-                await self.log.submit(new_command("intention_delete", SourceName=old["SourceName"],
-                                                  DestinationName=name))
-            return json_response(True if cas is not None else {})
+            result = await self.log.submit(
+                new_command("intentions_replace", DestinationName=name, Intentions=[], Cas=cas)
+            )
+            return json_response(bool(result) if cas is not None else {})
         _index, current = views.read(self.store, config_snapshot)
         if current.get(kind, {}).get(name) is not None:
             config_entries.check_change(current, kind, name, None)

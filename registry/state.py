@@ -514,6 +514,28 @@ class StateStore:
             self._touch("intentions")
         return _ok(True)
 
+    def op_intentions_replace(self, cmd: dict[str, Any]) -> Result:
+        """All intentions of one destination at once (the service-intentions config entry)."""
+        destination = cmd["DestinationName"]
+        existing = {k: v for k, v in self.intentions.items() if v["DestinationName"] == destination}
+        cas = cmd.get("Cas")
+        if cas is not None:
+            current = max((v["ModifyIndex"] for v in existing.values()), default=None)
+            if (cas == 0 and existing) or (cas != 0 and current != cas):
+                return _ok(False)
+        wanted = cmd.get("Intentions") or []
+        for intention in wanted:
+            if intention.get("DestinationName") != destination or not intention.get("SourceName"):
+                raise CommandError("every intention must name a source and this destination")
+        keep = {f"{i['SourceName']}\x00{destination}" for i in wanted}
+        for key in existing:
+            if key not in keep:
+                del self.intentions[key]
+        for intention in wanted:
+            self.op_intention_upsert({"Intention": intention})
+        self._touch("intentions")
+        return _ok(True)
+
     def op_config_set(self, cmd: dict[str, Any]) -> Result:
         entry = dict(cmd["Entry"])
         kind, name = entry["Kind"], entry["Name"]
@@ -600,6 +622,7 @@ _HANDLERS: dict[str, Callable[[StateStore, dict[str, Any]], Result]] = {
     "txn": StateStore.op_txn,
     "intention_upsert": StateStore.op_intention_upsert,
     "intention_delete": StateStore.op_intention_delete,
+    "intentions_replace": StateStore.op_intentions_replace,
     "config_set": StateStore.op_config_set,
     "config_delete": StateStore.op_config_delete,
     "meta_set": StateStore.op_meta_set,
