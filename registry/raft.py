@@ -192,6 +192,9 @@ def _build_replicated(store: StateStore):  # noqa: ANN202 - classes built lazily
         """The single replicated entry point. Its method id never changes: there is one."""
 
         def __init__(self, target: StateStore) -> None:
+            # Set before SyncObjConsumer.__init__ so they are not part of snapshots.
+            self.corrupt_entries = 0
+            self.last_corruption = ""
             super().__init__()
             self.store = target
 
@@ -201,7 +204,13 @@ def _build_replicated(store: StateStore):  # noqa: ANN202 - classes built lazily
                 command = json.loads(blob)
                 if not isinstance(command, dict):
                     raise ValueError("command is not an object")
-            except Exception as exc:  # a garbled entry must not wedge the replica
+            except Exception as exc:
+                # We only ever write valid JSON objects, so this is a damaged journal entry.
+                # Raising would wedge the tick thread forever; skipping silently would let this
+                # replica diverge. Skip it, and make the node report itself broken so an
+                # operator wipes and rejoins it (docs/operations.md).
+                self.corrupt_entries += 1
+                self.last_corruption = f"undecodable log entry ({exc.__class__.__name__}: {exc})"[:300]
                 return {"ok": False, "error": f"undecodable command: {exc}", "status": 500}
             return self.store.apply(command)
 
@@ -391,6 +400,11 @@ class RaftLog(ConsensusLog):
             reasons = []
             if stuck:
                 reasons.append(f"apply stuck at {applied} below commit index {commit} for {now - since:.0f}s")
+            if self._consumer is not None and self._consumer.corrupt_entries:
+                reasons.append(
+                    f"{self._consumer.corrupt_entries} damaged log entries skipped, this replica may have "
+                    f"diverged: {self._consumer.last_corruption}"
+                )
             if node.tick_errors > seen_errors + 20:
                 reasons.append(f"raft tick thread raised {node.tick_errors} times: {node.last_tick_error.strip()[-300:]}")
             if not reasons and node.tick_errors == seen_errors:
