@@ -194,6 +194,12 @@ class InboundHTTPConn(InboundConn):
             peer.transport.write_eof()
         self._deny_timer = asyncio.get_running_loop().call_later(DENY_DRAIN_TIMEOUT, self.peer_lost)
 
+    def _write_eof(self) -> None:
+        if self._denied and self._deny_body:  # the app finished the earlier responses: now the 403
+            self.peer_lost()
+            return
+        super()._write_eof()
+
     def peer_lost(self) -> None:
         if self._denied and self._deny_body:
             if self._deny_timer is not None:

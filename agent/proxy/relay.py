@@ -109,13 +109,15 @@ class Pipe(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof_in = True
+        t = self.transport
+        half_close = t is not None and t.can_write_eof()  # TLS transports cannot keep half-open
         peer = self.peer
         if peer is None:
-            return True  # passed on at link time
+            return half_close  # passed on at link time
         peer._write_eof()
-        if self._eof_out or peer.transport is None or peer.transport.is_closing():
-            return False  # both directions done: let asyncio close us
-        return bool(self.transport is not None and self.transport.can_write_eof())
+        if not half_close or self._eof_out or peer.transport is None or peer.transport.is_closing():
+            return False  # done with this side: let asyncio close it
+        return True
 
     def pause_writing(self) -> None:
         peer = self.peer
