@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from http.cookies import SimpleCookie
@@ -39,7 +39,7 @@ from lictor.gateway.chain import (
 
 __all__ = [
     "BalancerState", "Decision", "Instance", "RequestHead", "TargetPick", "apply_header_mods", "choose_split",
-    "decide", "entry_healthy", "hash_key", "instance_from_entry", "match_route", "pick_instance",
+    "decide", "entry_healthy", "hash_key", "instance_from_entry", "instances_by_target", "match_route", "pick_instance",
     "rewrite_path", "route_matches", "select_target", "should_retry", "target_instances",
 ]
 
@@ -217,13 +217,26 @@ class TargetPick:
     failover: bool  # not the primary target
 
 
-def select_target(resolver: ResolverNode, entries_by_service: Mapping[str, Sequence[Mapping[str, Any]]]
-                  ) -> TargetPick | None:
-    """The first target (primary, then failovers in order) with a healthy instance; None = 503."""
+def instances_by_target(targets: Iterable[Target], entries_by_service: Mapping[str, Sequence[Mapping[str, Any]]]
+                        ) -> dict[str, tuple[Instance, ...]]:
+    """Healthy instances of every target, filters applied: computed once per health/chain change so
+    a request only does a dict lookup."""
+    return {t.id: tuple(instance_from_entry(e) for e in target_instances(t, entries_by_service.get(t.service, ())))
+            for t in targets}
+
+
+def select_target(resolver: ResolverNode, instances: Mapping[str, Sequence[Instance]],
+                  excluded: Container[str] = ()) -> TargetPick | None:
+    """The first target (primary, then failovers in order) with a usable instance; None = 503.
+
+    `instances` is `instances_by_target(...)`; `excluded` holds instance ids the caller has seen fail
+    (passive outlier ejection), so traffic fails over before the health checks notice."""
     for i, target in enumerate(resolver.targets):
-        found = target_instances(target, entries_by_service.get(target.service, ()))
+        found = instances.get(target.id, ())
+        if excluded and found:
+            found = tuple(x for x in found if x.id not in excluded)
         if found:
-            return TargetPick(target, tuple(instance_from_entry(e) for e in found), i > 0)
+            return TargetPick(target, tuple(found), i > 0)
     return None
 
 

@@ -17,6 +17,7 @@ from lictor.gateway.router import (
     decide,
     entry_healthy,
     hash_key,
+    instances_by_target,
     pick_instance,
     route_matches,
     select_target,
@@ -143,26 +144,32 @@ def test_health_rules() -> None:
 
 def test_select_target_filters_subsets_and_fails_over() -> None:
     node = CHAIN.default_route.destination.splits[0].resolver
-    entries = {"web": [entry("a", "v1", "passing"), entry("b", "v2", "passing"), entry("c", "v1", "critical")],
+    entries = {"web": [entry("a", "v1", "passing"), entry("b", "v2", "passing"), entry("c", "v1", "critical"),
+                       entry("d", "v1", "warning")],
                "backup": [entry("z", "v9", "passing", service="backup", port=9)]}
-    pick = select_target(node, entries)
+    pick = select_target(node, instances_by_target(CHAIN.targets.values(), entries))
     assert pick is not None and not pick.failover
-    assert [i.id for i in pick.instances] == ["n1/a"]
+    assert [i.id for i in pick.instances] == ["n1/a", "n1/d"]
+    pick = select_target(node, instances_by_target(CHAIN.targets.values(), entries), excluded={"n1/a"})
+    assert pick is not None and [i.id for i in pick.instances] == ["n1/d"]
+    pick = select_target(node, instances_by_target(CHAIN.targets.values(), entries), excluded={"n1/a", "n1/d"})
+    assert pick is not None and pick.failover and pick.target.service == "backup"
     entries["web"] = [entry("b", "v2", "passing"), entry("c", "v1", "critical")]
-    pick = select_target(node, entries)
+    pick = select_target(node, instances_by_target(CHAIN.targets.values(), entries))
     assert pick is not None and pick.failover and pick.target.service == "backup"
     assert pick.instances[0] == Instance("n1/z", "127.0.0.1", 9, "backup")
     entries["backup"] = []
-    assert select_target(node, entries) is None
+    assert select_target(node, instances_by_target(CHAIN.targets.values(), entries)) is None
 
 
 def test_only_passing_subset_drops_warning() -> None:
     chain = compile_chain("web", dict(ENTRIES, **{"service-router": {"web": {"Routes": [
         {"Match": {"HTTP": {"PathPrefix": "/b"}}, "Destination": {"ServiceSubset": "beta"}}]}}}))
+    warn = {"web": [entry("w", "v2", "warning")]}
     node = decide(chain, head("/b"), 0.0).resolver
-    assert select_target(node, {"web": [entry("w", "v2", "warning")]}) is None
+    assert select_target(node, instances_by_target(chain.targets.values(), warn)) is None
     v2 = decide(CHAIN, head(x_beta="1"), 0.0).resolver
-    assert select_target(v2, {"web": [entry("w", "v2", "warning")]}) is not None
+    assert select_target(v2, instances_by_target(CHAIN.targets.values(), warn)) is not None
 
 
 INSTANCES = tuple(Instance(f"n/{i}", "127.0.0.1", 1000 + i, "web") for i in range(5))
