@@ -938,8 +938,10 @@ async def attach_local_agent(runtime: Any) -> None:
             if prefix.endswith("/"):
                 continue
             runtime.app.router.routes.append(Route(prefix + "/{rest:path}", forward, methods=["GET", "PUT", "POST", "DELETE"]))
-    try:
-        from lictor.agent.dns_wiring import start_dns
-    except ImportError:
-        return
+    if config.managed_proxies:
+        from lictor.agent.managed import start_managed_proxies
+
+        start_managed_proxies(runtime)
+    from lictor.agent.dns_wiring import start_dns
+
     await start_dns(runtime, pool)
