@@ -179,10 +179,12 @@ class Progress:
         self.started = time.monotonic()
         self.tty = sys.stderr.isatty()
         self._last = 0.0
-        if not self.tty:
-            print(f"{label}...", file=sys.stderr, flush=True)
+        self._announced = False
 
     def advance(self, count: int) -> None:
+        if not self._announced and not self.tty:
+            print(f"{self.label}...", file=sys.stderr, flush=True)
+        self._announced = True
         self.done += count
         now = time.monotonic()
         if self.tty and now - self._last > 0.1:
@@ -712,7 +714,7 @@ def _kind_name(args: argparse.Namespace, need_name: bool = True) -> tuple[str, s
         raise CLIError("-kind is required (e.g. service-defaults, proxy-defaults, service-resolver)", EXIT_USAGE)
     if need_name and not args.name:
         raise CLIError("-name is required", EXIT_USAGE)
-    return args.kind, args.name or ""
+    return args.kind, getattr(args, "name", None) or ""
 
 
 def config_write(argv: list[str]) -> int:
@@ -852,16 +854,32 @@ def cmd_connect(argv: list[str]) -> int:
 # -- snapshot ---------------------------------------------------------------------------------------
 
 
-def _inspect_archive(data: bytes) -> dict[str, Any] | None:
-    """Consul's snapshot archive (gzip'd tar: meta.json, state.bin, SHA256SUMS) checked against its own
-    sums; None when the bytes are in another (opaque) format, CLIError when an archive is corrupt."""
+def _inspect_snapshot(data: bytes) -> dict[str, Any] | None:
+    """Check a snapshot's integrity and return its metadata; None when the format is not one we know.
+
+    Lictor's own format is the JSON `GET /v1/snapshot` returns ({"Format": "lictor-snapshot", "Version",
+    "Index", "State"}); Consul's is a gzip'd tar (meta.json, state.bin, SHA256SUMS), checked against its sums.
+    A recognisably corrupt file raises CLIError."""
+    corrupt = "the snapshot is corrupt ({}): take a new one with `lictor snapshot save`"
+    if data.lstrip()[:1] == b"{":
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CLIError(corrupt.format(f"invalid JSON: {exc}")) from None
+        if not isinstance(doc, dict) or doc.get("Format") != "lictor-snapshot":
+            raise CLIError(corrupt.format("JSON, but not a lictor snapshot"))
+        state = doc.get("State")
+        if not isinstance(state, dict):
+            raise CLIError(corrupt.format("no State"))
+        return {"Format": "lictor-snapshot", "Version": doc.get("Version"), "Index": doc.get("Index"),
+                "Size": len(data), "Tables": ",".join(sorted(state))}
     if data[:2] != b"\x1f\x8b":
         return None
     try:
         with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data)), mode="r:") as tar:
             files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
     except (OSError, EOFError, tarfile.TarError) as exc:
-        raise CLIError(f"the snapshot is corrupt ({exc}): take a new one with `lictor snapshot save`") from None
+        raise CLIError(corrupt.format(exc)) from None
     if "SHA256SUMS" not in files:
         return None
     for line in files["SHA256SUMS"].decode().splitlines():
@@ -869,9 +887,9 @@ def _inspect_archive(data: bytes) -> dict[str, Any] | None:
             continue
         digest, _, name = line.strip().partition("  ")
         if name not in files or hashlib.sha256(files[name]).hexdigest() != digest:
-            raise CLIError(f"the snapshot is corrupt: checksum mismatch for {name!r}; "
-                           "take a new one with `lictor snapshot save`")
+            raise CLIError(corrupt.format(f"checksum mismatch for {name!r}"))
     meta = json.loads(files.get("meta.json", b"{}") or b"{}")
+    meta.setdefault("Format", "consul-archive")
     meta.setdefault("Size", len(files.get("state.bin", b"")))
     return meta
 
@@ -885,6 +903,10 @@ def snapshot_save(argv: list[str]) -> int:
     target = Path(args.file)
     partial = target.with_name(target.name + ".part")
     path = "/v1/snapshot"
+    try:
+        partial.open("wb").close()  # fail before asking the servers for anything
+    except OSError as exc:
+        raise CLIError(f"cannot write {partial}: {exc.strerror or exc}: check the path and permissions") from None
     try:
         with httpx.Client(timeout=httpx.Timeout(30.0, read=600.0)) as client:
             request = client.build_request("GET", base + path, headers=_headers(args),
@@ -909,15 +931,19 @@ def snapshot_save(argv: list[str]) -> int:
             finally:
                 resp.close()
     except httpx.ConnectError:
+        partial.unlink(missing_ok=True)
         raise _unreachable(base) from None
     except httpx.HTTPError as exc:
         partial.unlink(missing_ok=True)
         raise CLIError(f"saving the snapshot failed midway: {exc}; retry") from None
+    except CLIError:
+        partial.unlink(missing_ok=True)
+        raise
     try:
         data = partial.read_bytes()
         if not data:
             raise CLIError("the agent returned an empty snapshot: check the servers' logs and retry")
-        meta = _inspect_archive(data)
+        meta = _inspect_snapshot(data)
     except CLIError:
         partial.unlink(missing_ok=True)
         raise
@@ -938,7 +964,7 @@ def snapshot_restore(argv: list[str]) -> int:
     data = _read_input(args.file, "snapshot")
     if not data:
         raise CLIError(f"snapshot {args.file} is empty: take one with `lictor snapshot save`")
-    _inspect_archive(data)  # refuse a corrupt archive before it reaches the servers
+    _inspect_snapshot(data)  # refuse a corrupt archive before it reaches the servers
     base = http_addr(args.http_addr)
     progress = Progress(f"Restoring snapshot to {base}", len(data))
 
@@ -976,14 +1002,14 @@ def snapshot_inspect(argv: list[str]) -> int:
     parser.add_argument("-format", "--format", dest="format", choices=["table", "json"], default="table")
     args = parser.parse_args(argv)
     data = _read_input(args.file, "snapshot")
-    meta = _inspect_archive(data)
+    meta = _inspect_snapshot(data)
     if meta is None:
-        raise CLIError(f"{args.file} is not a snapshot archive (gzip'd tar with SHA256SUMS): "
+        raise CLIError(f"{args.file} is not a snapshot (neither lictor's JSON nor Consul's archive): "
                        "take one with `lictor snapshot save`")
     if args.format == "json":
         _print_json(meta)
         return EXIT_OK
-    keys = [k for k in ("ID", "Size", "Index", "Term", "Version") if k in meta]
+    keys = [k for k in ("Format", "ID", "Version", "Index", "Term", "Size", "Tables") if k in meta]
     print(_table([[k, str(meta[k])] for k in keys], ["Field", "Value"]))
     return EXIT_OK
 
