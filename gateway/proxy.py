@@ -203,13 +203,19 @@ class Pool:
         self.ssl = ctx
         self.trust_domain = trust_domain
 
-    async def acquire(self, inst: Instance, target: Target, timeout: float) -> tuple[Upstream, bool]:
-        key = (inst.address, inst.port, target.service)
-        idle = self.idle.get(key)
+    def take_idle(self, inst: Instance, target: Target) -> Upstream | None:
+        idle = self.idle.get((inst.address, inst.port, target.service))
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn, True
+                return conn
+        return None
+
+    async def acquire(self, inst: Instance, target: Target, timeout: float) -> tuple[Upstream, bool]:
+        key = (inst.address, inst.port, target.service)
+        conn = self.take_idle(inst, target)
+        if conn is not None:
+            return conn, True
         if self.ssl is None:
             raise UpstreamError("connect", "no leaf certificate yet")
         loop = asyncio.get_running_loop()
@@ -303,6 +309,7 @@ class Downstream(asyncio.Protocol):
         self.closed = False
         self.can_write: asyncio.Event | None = None
         self.upstream_paused: Upstream | None = None
+        self.waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -366,10 +373,20 @@ class Downstream(asyncio.Protocol):
             self.transport.pause_reading()  # a client pipelining this much waits for us
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._serve())
+        elif self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     async def _serve(self) -> None:
+        # One task per connection, parked on a future between requests: a keep-alive client costs
+        # a future per request, not a task.
+        loop = asyncio.get_running_loop()
         try:
-            while self.queue:
+            while True:
+                if not self.queue:
+                    self.waiter = loop.create_future()
+                    await self.waiter
+                    self.waiter = None
+                    continue
                 req = self.queue.pop(0)
                 keep = await self.gw.handle(self, req)
                 if self.transport is None or self.transport.is_closing():
@@ -700,6 +717,7 @@ class Gateway:
 
         timeout = d.timeout or DEFAULT_REQUEST_TIMEOUT
         deadline = started + timeout
+        loop = asyncio.get_running_loop()
         attempt = 0
         free_retries = 2  # a stale pooled connection that closes under us is not the route's retry
         last_error = "no healthy upstream"
@@ -716,7 +734,12 @@ class Gateway:
                 return self._reply_error(down, req, service, started, 503, last_error)
             inst = pick_instance(pick.instances, lb, self.lb_state, self.rng, key, pick.target.id)
             try:
-                conn, reused = await self.pool.acquire(inst, pick.target, min(pick.target.connect_timeout, remaining))
+                idle = self.pool.take_idle(inst, pick.target)
+                if idle is not None:
+                    conn, reused = idle, True
+                else:
+                    conn, reused = await self.pool.acquire(inst, pick.target,
+                                                           min(pick.target.connect_timeout, remaining))
             except UpstreamError as exc:
                 last_error = str(exc)
                 self.ejected[inst.id] = time.monotonic() + EJECTION_TIME
@@ -734,10 +757,10 @@ class Gateway:
             self.lb_state.inflight[inst.id] = self.lb_state.inflight.get(inst.id, 0) + 1
             try:
                 conn.start(payload, req.method == "HEAD")
+                assert conn.head is not None
+                timer = loop.call_at(loop.time() + (deadline - time.monotonic()), _expire, conn.head)
                 try:
-                    async with asyncio.timeout(deadline - time.monotonic()):
-                        assert conn.head is not None
-                        await conn.head
+                    await conn.head
                 except TimeoutError:
                     conn.abort()
                     return self._reply_error(down, req, service, started, 504, "upstream request timeout")
@@ -751,6 +774,8 @@ class Gateway:
                         self.metrics.retries += 1
                         continue
                     return self._reply_error(down, req, service, started, 502, last_error)
+                finally:
+                    timer.cancel()
                 status = conn.status
                 if should_retry(d.retry, attempt, status=status):
                     attempt += 1
@@ -835,6 +860,11 @@ class Gateway:
         conn.sink = None
         self.pool.release(conn)
         return keep
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _chunk(data: bytes) -> bytes:
