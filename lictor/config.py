@@ -54,6 +54,22 @@ class AgentConfig:
     leaf_cert_ttl: float = 72 * 3600.0
     managed_proxies: bool = False
     node_meta: dict[str, str] = field(default_factory=dict)
+    # ACLs (issue #9)
+    acl_enabled: bool = False
+    acl_default_policy: str = "deny"
+    acl_token: str = ""  # used for requests that carry no token
+    acl_agent_token: str = ""  # the agent's own calls: anti-entropy, heartbeats
+    acl_initial_management: str = ""  # a management secret known to every server (Consul's initial_management)
+    # limits (issue #9); 0 disables a limit
+    http_max_body: int = 4 * 1024 * 1024
+    http_max_header_bytes: int = 64 * 1024
+    http_header_timeout: float = 10.0  # a client must finish sending its request head within this
+    http_max_connections: int = 4096
+    http_rate_limit: float = 0.0  # requests per second per client IP
+    http_rate_burst: int = 0  # 0 = 2 x the rate
+    http_max_blocking_per_client: int = 0
+    max_services: int = 0  # services per agent
+    max_checks: int = 0  # checks per agent
 
     @property
     def http_addr(self) -> str:
@@ -96,6 +112,20 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "default-intention-policy": ("default_intention_policy", "str"),
     "leaf-cert-ttl": ("leaf_cert_ttl", "duration"),
     "managed-proxies": ("managed_proxies", "bool"),
+    "acl-enabled": ("acl_enabled", "bool"),
+    "acl-default-policy": ("acl_default_policy", "str"),
+    "acl-token": ("acl_token", "str"),
+    "acl-agent-token": ("acl_agent_token", "str"),
+    "acl-initial-management": ("acl_initial_management", "str"),
+    "http-max-body": ("http_max_body", "int"),
+    "http-max-header-bytes": ("http_max_header_bytes", "int"),
+    "http-header-timeout": ("http_header_timeout", "duration"),
+    "http-max-connections": ("http_max_connections", "int"),
+    "http-rate-limit": ("http_rate_limit", "float"),
+    "http-rate-burst": ("http_rate_burst", "int"),
+    "http-max-blocking-per-client": ("http_max_blocking_per_client", "int"),
+    "max-services": ("max_services", "int"),
+    "max-checks": ("max_checks", "int"),
 }
 
 # JSON config keys (Consul's names) that differ from our field names
@@ -126,6 +156,10 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError(value)
             return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
         if kind == "duration":
             return parse_duration(value) if isinstance(value, str) else float(value)
         if kind == "list":
@@ -219,6 +253,8 @@ def finalize(config: AgentConfig) -> AgentConfig:
     if config.server and not config.dev and not config.encrypt:
         # Without a key, pysyncobj's Raft port unpickles whatever a stranger sends.
         raise ConfigError("servers need a cluster key: pass -encrypt \"$(lictor keygen)\" (the same on every server)")
+    if config.acl_default_policy not in ("allow", "deny"):
+        raise ConfigError("-acl-default-policy must be allow or deny")
     if config.default_intention_policy not in ("allow", "deny"):
         raise ConfigError("-default-intention-policy must be allow or deny")
     if not config.domain.endswith("."):

@@ -79,6 +79,12 @@ class StateStore:
         self.service_index: dict[str, int] = {}  # service name -> last change (kept after delete)
         self.node_index: dict[str, int] = {}  # node name -> last change (kept after delete)
         self.recent_requests: dict[str, Result] = {}
+        # ACLs (issue #9). Secrets never enter the state: tokens are found by sha256(secret).
+        self.acl_tokens: dict[str, dict[str, Any]] = {}  # AccessorID -> token (with SecretHash)
+        self.acl_secrets: dict[str, str] = {}  # SecretHash -> AccessorID
+        self.acl_policies: dict[str, dict[str, Any]] = {}  # ID -> policy
+        self.acl_roles: dict[str, dict[str, Any]] = {}  # ID -> role
+        self.acl_bootstrapped = 0  # index of the bootstrap, 0 = not yet
         self._init_runtime()
 
     # -- runtime (not replicated, not pickled) -----------------------------------------------
@@ -602,6 +608,143 @@ class StateStore:
         self.node_index = {name: index for name in set(self.node_index) | set(self.nodes)}
         return _ok(True)
 
+    # -- ACLs ---------------------------------------------------------------------------------
+
+    def acl_tables(self) -> tuple[dict[str, Any], dict[str, str], dict[str, Any], dict[str, Any]]:
+        """The ACL tables; a snapshot from before ACLs existed lacks them, so create them empty."""
+        d = self.__dict__
+        return (d.setdefault("acl_tokens", {}), d.setdefault("acl_secrets", {}),
+                d.setdefault("acl_policies", {}), d.setdefault("acl_roles", {}))
+
+    def _acl_links(self, links: Any, table: dict[str, Any], what: str) -> list[dict[str, str]]:
+        """Policy/role links by ID or Name -> [{ID, Name}], every one existing."""
+        out = []
+        for link in links or []:
+            if not isinstance(link, dict):
+                raise CommandError(f"invalid {what} link")
+            found = table.get(link.get("ID") or "") or next(
+                (v for v in table.values() if link.get("Name") and v["Name"] == link.get("Name")), None
+            )
+            if found is None:
+                raise CommandError(f"cannot find {what} {link.get('ID') or link.get('Name')!r}")
+            if all(x["ID"] != found["ID"] for x in out):
+                out.append({"ID": found["ID"], "Name": found["Name"]})
+        return out
+
+    def _acl_put_token(self, token: dict[str, Any], create: bool) -> dict[str, Any]:
+        tokens, secrets, policies, roles = self.acl_tables()
+        accessor = token.get("AccessorID") or ""
+        if not accessor:
+            raise CommandError("missing AccessorID")
+        existing = tokens.get(accessor)
+        if create and existing is not None:
+            raise CommandError(f"token with AccessorID {accessor!r} already exists")
+        if not create and existing is None:
+            raise CommandError("Cannot find token to update", 404)
+        record = copy.deepcopy(token)
+        if existing is not None:
+            record["SecretHash"] = existing["SecretHash"]  # a secret never changes
+            record["CreateTime"] = existing.get("CreateTime", record.get("CreateTime"))
+            record["ExpirationTime"] = existing.get("ExpirationTime")
+            record["CreateIndex"] = existing["CreateIndex"]
+        else:
+            secret_hash = record.get("SecretHash") or ""
+            if len(secret_hash) != 64 or secret_hash in secrets:
+                raise CommandError("invalid or duplicate SecretID")
+            record["CreateIndex"] = self.index
+        record["Policies"] = self._acl_links(record.get("Policies"), policies, "policy")
+        record["Roles"] = self._acl_links(record.get("Roles"), roles, "role")
+        record["ModifyIndex"] = self.index
+        tokens[accessor] = record
+        secrets[record["SecretHash"]] = accessor
+        self._touch("acl")
+        return record
+
+    def op_acl_bootstrap(self, cmd: dict[str, Any]) -> Result:
+        """Once per cluster: the management policy, the anonymous token and the first management token."""
+        tokens, secrets, policies, _ = self.acl_tables()
+        if self.__dict__.get("acl_bootstrapped"):
+            raise CommandError(f"ACL bootstrap no longer allowed (reset index: {self.acl_bootstrapped})", 403)
+        secret_hash = cmd["Token"].get("SecretHash") or ""
+        if len(secret_hash) != 64 or secret_hash in secrets or cmd["Token"]["AccessorID"] in tokens:
+            raise CommandError("invalid bootstrap token")
+        self.acl_bootstrapped = self.index
+        policies.setdefault(cmd["ManagementPolicy"]["ID"], dict(cmd["ManagementPolicy"], CreateIndex=self.index,
+                                                                  ModifyIndex=self.index))
+        if cmd["Anonymous"]["AccessorID"] not in tokens:
+            self._acl_put_token(cmd["Anonymous"], create=True)
+        return _ok(self._acl_put_token(cmd["Token"], create=True))
+
+    def op_acl_token_set(self, cmd: dict[str, Any]) -> Result:
+        return _ok(self._acl_put_token(cmd["Token"], create=bool(cmd.get("Create"))))
+
+    def op_acl_token_delete(self, cmd: dict[str, Any]) -> Result:
+        tokens, secrets, _, _ = self.acl_tables()
+        if cmd["AccessorID"] == cmd.get("Anonymous"):
+            raise CommandError("Delete operation not permitted on the anonymous token")
+        record = tokens.pop(cmd["AccessorID"], None)
+        if record is not None:
+            secrets.pop(record["SecretHash"], None)
+            self._touch("acl")
+        return _ok(True)
+
+    def op_acl_policy_set(self, cmd: dict[str, Any]) -> Result:
+        _, _, policies, _ = self.acl_tables()
+        policy = copy.deepcopy(cmd["Policy"])
+        existing = policies.get(policy["ID"])
+        if cmd.get("Create") and existing is not None:
+            raise CommandError(f"policy {policy['ID']!r} already exists")
+        if not cmd.get("Create") and existing is None:
+            raise CommandError("Cannot find policy to update", 404)
+        if any(p["Name"] == policy["Name"] and p["ID"] != policy["ID"] for p in policies.values()):
+            raise CommandError(f"Invalid Policy: A Policy with Name {policy['Name']!r} already exists")
+        if existing is not None and existing.get("Builtin") and (
+            policy.get("Rules") != existing.get("Rules") or policy["Name"] != existing["Name"]
+        ):
+            raise CommandError("Changing the Rules or Name of the builtin global-management policy is not permitted")
+        policy["Builtin"] = bool(existing and existing.get("Builtin"))
+        policy["CreateIndex"] = existing["CreateIndex"] if existing else self.index
+        policy["ModifyIndex"] = self.index
+        policies[policy["ID"]] = policy
+        for token in self.acl_tables()[0].values():  # links show the current name
+            for link in token.get("Policies") or []:
+                if link["ID"] == policy["ID"]:
+                    link["Name"] = policy["Name"]
+        self._touch("acl")
+        return _ok(policy)
+
+    def op_acl_policy_delete(self, cmd: dict[str, Any]) -> Result:
+        _, _, policies, _ = self.acl_tables()
+        existing = policies.get(cmd["ID"])
+        if existing is not None and existing.get("Builtin"):
+            raise CommandError("Delete operation not permitted on the builtin global-management policy")
+        if policies.pop(cmd["ID"], None) is not None:
+            self._touch("acl")
+        return _ok(True)
+
+    def op_acl_role_set(self, cmd: dict[str, Any]) -> Result:
+        _, _, policies, roles = self.acl_tables()
+        role = copy.deepcopy(cmd["Role"])
+        existing = roles.get(role["ID"])
+        if cmd.get("Create") and existing is not None:
+            raise CommandError(f"role {role['ID']!r} already exists")
+        if not cmd.get("Create") and existing is None:
+            raise CommandError("Cannot find role to update", 404)
+        if any(r["Name"] == role["Name"] and r["ID"] != role["ID"] for r in roles.values()):
+            raise CommandError(f"Invalid Role: A Role with Name {role['Name']!r} already exists")
+        role["Policies"] = self._acl_links(role.get("Policies"), policies, "policy")
+        role["CreateIndex"] = existing["CreateIndex"] if existing else self.index
+        role["ModifyIndex"] = self.index
+        roles[role["ID"]] = role
+        self._touch("acl")
+        return _ok(role)
+
+    def op_acl_role_delete(self, cmd: dict[str, Any]) -> Result:
+        _, _, _, roles = self.acl_tables()
+        if roles.pop(cmd["ID"], None) is not None:
+            self._touch("acl")
+        return _ok(True)
+
     def op_noop(self, cmd: dict[str, Any]) -> Result:
         """The read barrier: once applied here, everything committed before it is applied too."""
         return _ok(self.index)
@@ -628,4 +771,11 @@ _HANDLERS: dict[str, Callable[[StateStore, dict[str, Any]], Result]] = {
     "meta_set": StateStore.op_meta_set,
     "noop": StateStore.op_noop,
     "restore": StateStore.op_restore,
+    "acl_bootstrap": StateStore.op_acl_bootstrap,
+    "acl_token_set": StateStore.op_acl_token_set,
+    "acl_token_delete": StateStore.op_acl_token_delete,
+    "acl_policy_set": StateStore.op_acl_policy_set,
+    "acl_policy_delete": StateStore.op_acl_policy_delete,
+    "acl_role_set": StateStore.op_acl_role_set,
+    "acl_role_delete": StateStore.op_acl_role_delete,
 }
