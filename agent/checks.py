@@ -41,6 +41,7 @@ from typing import Any
 
 import httpx
 
+from lictor import metrics
 from lictor.agent.definitions import CRITICAL, PASSING, VALID_STATUSES, WARNING, CheckSpec
 from lictor.durations import format_duration
 from lictor.errors import APIError, BadRequest, NotFound
@@ -267,6 +268,7 @@ class CheckRunner:
         chk.ttl_deadline = loop.time() + chk.spec.ttl
         if not chk.scheduled:
             self._push(chk, chk.ttl_deadline)
+        metrics.count_check_run("ttl")  # an application's TTL report is this check's "run"
         self._set(chk, status, _truncate_head(output, chk.spec.output_max_size))
 
     def status(self, check_id: str) -> tuple[str, str] | None:
@@ -385,6 +387,7 @@ class CheckRunner:
             elif chk.output.startswith(expired):
                 expired = chk.output
             chk.runs += 1
+            metrics.count_check_run(chk.spec.kind)
             self._set(chk, CRITICAL, expired)
             return  # re-armed by the next ttl_update
         if kind == "alias":
@@ -426,6 +429,7 @@ class CheckRunner:
         if chk.gen != gen:
             return
         chk.runs += 1
+        metrics.count_check_run(chk.spec.kind)
         assert chk.handler is not None
         reported = chk.handler.update(status)
         if reported is not None:
@@ -435,6 +439,7 @@ class CheckRunner:
         target = chk.spec.get("AliasService", "")
         items = self._alias_source(target) if self._alias_source is not None else None
         chk.runs += 1
+        metrics.count_check_run(chk.spec.kind)
         if items is None:
             self._set(chk, CRITICAL, f"Service {target} could not be found on node {self.node_name}")
             return
@@ -457,6 +462,8 @@ class CheckRunner:
             chk.critical_since = asyncio.get_running_loop().time()
         elif status != CRITICAL:
             chk.critical_since = None
+        if status != chk.status:
+            metrics.count_check_state_change(status)
         chk.status, chk.output = status, output
         try:
             self._on_change(chk.spec.check_id, status, output)

@@ -228,6 +228,9 @@ class DnsServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._tcp_conns = 0
         self.stats = {"queries": 0, "cache_hits": 0, "forwarded": 0}
+        # Per (qtype, rcode) counts for lictor.metrics, read at scrape time. Hot-path keys are
+        # `qtype << 4 | rcode` ints (one dict update per query); rare outcomes use (qtype, word).
+        self.qcounts: dict[int | tuple[int, str], int] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -291,7 +294,9 @@ class DnsServer:
             self._view = view
         qend = _fast_parse(data)
         if qend < 0:
-            return resolve_wire(data, view, self.config, self._rng, transport)
+            out = resolve_wire(data, view, self.config, self._rng, transport)
+            self._count_slow(data, out)
+            return out
         question = data[12:qend]
         key = (transport, data[2:4], question.lower(), data[qend:])
         entry = self._cache.get(key)
@@ -307,11 +312,29 @@ class DnsServer:
             wire = ring[i]
         else:
             wire = self._fill(entry, data, qend, key[2], view, transport)
+        qcounts = self.qcounts
         if wire is FORWARD or wire is None:
+            key2 = (data[qend - 4] << 8 | data[qend - 3], "FORWARDED" if wire is FORWARD else "DROPPED")
+            qcounts[key2] = qcounts.get(key2, 0) + 1
             return wire
         assert isinstance(wire, bytes)
+        ckey = (data[qend - 4] << 12 | data[qend - 3] << 4) | (wire[3] & 15)
+        qcounts[ckey] = qcounts.get(ckey, 0) + 1
         # Patch the ID and restore the client's question casing (0x20 randomisation).
         return data[:2] + wire[2:12] + question + wire[qend:]
+
+    def _count_slow(self, data: bytes, out: bytes | Forward | None) -> None:
+        """Count a query that missed the fast path (EDNS options, odd shapes): parse its qtype."""
+        qtype, pos, n = 0, 12, len(data)
+        while pos < n and 0 < data[pos] <= 63:
+            pos += data[pos] + 1
+        if pos + 3 <= n and data[pos] == 0:
+            qtype = data[pos + 1] << 8 | data[pos + 2]
+        if isinstance(out, bytes) and len(out) >= 4:
+            key: int | tuple[int, str] = qtype << 4 | (out[3] & 15)
+        else:
+            key = (qtype, "FORWARDED" if out is FORWARD else "DROPPED")
+        self.qcounts[key] = self.qcounts.get(key, 0) + 1
 
     def _fill(
         self, entry: _Entry, data: bytes, qend: int, qlower: bytes, view: CatalogView, transport: Transport

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from lictor import metrics
 from lictor.durations import DurationError, parse_duration
 from lictor.errors import APIError, BadRequest, PayloadTooLarge
 
@@ -134,13 +135,17 @@ async def blocking(
     loop = asyncio.get_running_loop()
     # Jitter up to wait/16 spreads the herd of watchers that all time out together.
     deadline = loop.time() + opts.wait + random.uniform(0, opts.wait / 16)
-    while True:
-        generation = feed.generation
-        index, data = read()
-        remaining = deadline - loop.time()
-        if index > opts.index or remaining <= 0:
-            return index, data
-        await feed.wait(generation, remaining)
+    metrics.BLOCKING_IN_FLIGHT.inc()
+    try:
+        while True:
+            generation = feed.generation
+            index, data = read()
+            remaining = deadline - loop.time()
+            if index > opts.index or remaining <= 0:
+                return index, data
+            await feed.wait(generation, remaining)
+    finally:
+        metrics.BLOCKING_IN_FLIGHT.dec()
 
 
 def json_response(

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from lictor import metrics
 from lictor.errors import APIError, NoLeader
 from lictor.registry.state import Result, StateStore
 
@@ -167,13 +168,17 @@ class LocalLog(ConsensusLog):
 
     async def start(self) -> None:
         self.feed.bind(asyncio.get_running_loop())
+        metrics.RAFT_LEADER_CHANGES.inc()  # dev mode elects itself once
 
     async def submit(self, command: dict[str, Any], timeout: float = 5.0) -> Any:
         command.setdefault("rid", uuid.uuid4().hex)
         command.setdefault("ts", time.time())
         # Round-trip through JSON exactly as the replicated path does, so dev mode cannot
         # accept a command a cluster would fail to encode.
-        return _unwrap(self.store.apply(json.loads(json.dumps(command))))
+        start = time.perf_counter()
+        result = self.store.apply(json.loads(json.dumps(command)))
+        metrics.RAFT_COMMIT_SECONDS.observe(time.perf_counter() - start)
+        return _unwrap(result)
 
     def leader(self) -> str | None:
         return self.self_addr
@@ -302,7 +307,8 @@ class RaftLog(ConsensusLog):
         command.setdefault("ts", time.time())
         blob = json.dumps(command, separators=(",", ":")).encode()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        started = loop.time()
+        deadline = started + timeout
         while True:
             fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
 
@@ -318,6 +324,7 @@ class RaftLog(ConsensusLog):
                     "timed out waiting for the write to commit; it may still apply", 500
                 ) from None
             if error == 0:
+                metrics.RAFT_COMMIT_SECONDS.observe(loop.time() - started)  # submit -> applied, retries included
                 return _unwrap(result)
             if error == _QUEUE_FULL:
                 raise APIError("Raft queue full, try again", 429)
@@ -378,6 +385,7 @@ class RaftLog(ConsensusLog):
     async def _watch(self) -> None:
         """The wedge detector: apply stuck below commit, or the tick thread failing."""
         seen_errors = 0
+        seen_leader: str | None = None
         while True:
             await asyncio.sleep(1.0)
             node = self._node
@@ -388,6 +396,10 @@ class RaftLog(ConsensusLog):
             except Exception:
                 continue
             now = time.monotonic()
+            leader = str(raw["leader"].address) if raw["leader"] is not None else None
+            if leader is not None and leader != seen_leader:  # sampled each second: flaps inside one are missed
+                seen_leader = leader
+                metrics.RAFT_LEADER_CHANGES.inc()
             if raw["leader"] is not None and (raw["state"] == 2 or node.isNodeConnected(raw["leader"])):
                 self._last_contact = now
             applied, commit = raw["last_applied"], raw["commit_idx"]
