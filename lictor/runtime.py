@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from lictor import __version__
+from lictor import __version__, metrics, monitor
 from lictor.config import AgentConfig
 from lictor.errors import APIError
 from lictor.httpapi import empty_ok, guarded, json_response, method_not_allowed
@@ -60,14 +60,19 @@ class Agent:
                 Route("/v1/agent/self", guarded(self.agent_self), methods=["GET"]),
                 Route("/v1/agent/members", guarded(self.agent_members), methods=["GET"]),
                 Route("/v1/agent/leave", guarded(self.agent_leave), methods=["PUT"]),
+                Route("/v1/agent/metrics", guarded(metrics.agent_metrics), methods=["GET"]),
+                Route("/v1/agent/monitor", guarded(monitor.agent_monitor), methods=["GET"]),
             ]
         )
+        self.metrics = metrics.MetricsRuntime(self)
+        self.metrics.start()
+        self.extras.append(self.metrics)
         if config.server:
             from lictor.registry.server import ServerAgent
 
             self.server = ServerAgent(config)
             self.app.router.routes.extend(self.server.routes())
-        asgi = NotReadyMiddleware(self.app, self.is_ready)
+        asgi = metrics.HTTPMetricsMiddleware(NotReadyMiddleware(self.app, self.is_ready))
         from lictor import limits  # ACLs and request limits (issue #9)
 
         asgi = limits.wrap(asgi, self)
@@ -90,6 +95,7 @@ class Agent:
         try:
             if self.server is not None:
                 await self.server.start_consensus()
+                self.metrics.hook_store()
                 self.app.router.routes.extend(self.server.api.routes())
                 self.app.router.routes.extend(self._optional_server_routes())
                 print(f"    Raft: {config.raft_addr} ({'in-memory' if config.dev else config.data_dir})", flush=True)
@@ -206,6 +212,7 @@ def run_agent(config: AgentConfig) -> int:
     )
     logging.getLogger("pysyncobj").setLevel(logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    monitor.install(config.log_level)  # ring buffer behind /v1/agent/monitor and `lictor debug`
     try:
         import uvloop
 
