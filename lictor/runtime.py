@@ -72,10 +72,11 @@ class Agent:
 
             self.server = ServerAgent(config)
             self.app.router.routes.extend(self.server.routes())
-        asgi = metrics.HTTPMetricsMiddleware(NotReadyMiddleware(self.app, self.is_ready))
+        asgi = NotReadyMiddleware(self.app, self.is_ready)
         from lictor import limits  # ACLs and request limits (issue #9)
 
-        asgi = limits.wrap(asgi, self)
+        # Metrics outermost, so requests refused by limits/ACLs (429, 403) are counted too.
+        asgi = metrics.HTTPMetricsMiddleware(limits.wrap(asgi, self))
         uv_config = uvicorn.Config(
             asgi, host=config.client, port=config.http_port, log_level="warning", lifespan="off",
             access_log=False, timeout_keep_alive=30, loop="none", **limits.uvicorn_options(config),
