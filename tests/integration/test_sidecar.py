@@ -368,5 +368,6 @@ def test_killing_one_of_three_instances_under_load(mesh: Mesh) -> None:
     # Only a request in flight on the killed instance at the kill may fail (at most one per thread).
     assert len(load.failures) <= 2, load.failures
     counters = mesh.stats("web")["Counters"]
-    assert counters.get("upstream_connect_errors{upstream=api}", 0) >= 1, counters
+    assert counters.get("upstream_connect_errors{upstream=api}", 0) >= 5, counters
+    assert counters.get("upstream_ejections{upstream=api}", 0) >= 1, counters  # outlier detection fired
     print("kill: dropped after", round(time.monotonic() - t_kill, 2), "s; counters", counters)
