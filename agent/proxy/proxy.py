@@ -192,7 +192,11 @@ class SidecarProxy:
     def _apply_protocol(self, entry: dict[str, Any] | None) -> None:
         assert self.state is not None
         protocol = str((entry or {}).get("Protocol") or "tcp").lower()
-        self.state.l7 = protocol in HTTP_PROTOCOLS
+        # Only HTTP/1.1 is parsed; http2/grpc are relayed at L4, where an L7 intention counts as deny
+        # (Consul's L4 rule) rather than feeding h2 frames to an HTTP/1.1 parser.
+        self.state.l7 = protocol == "http"
+        if protocol in HTTP_PROTOCOLS and not self.state.l7:
+            log.warning("destination protocol %s: no L7 parsing for it yet; relaying at L4", protocol)
         log.info("destination protocol: %s (%s)", protocol, "L7 request checks" if self.state.l7 else "L4 relay")
 
     async def _apply_service(self, service: dict[str, Any] | None) -> None:
