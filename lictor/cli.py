@@ -32,7 +32,8 @@ class CLIError(Exception):
 def _client_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
     parser.add_argument("-http-addr", "--http-addr", dest="http_addr", default=None)
-    parser.add_argument("-token", "--token", dest="token", default=os.environ.get("CONSUL_HTTP_TOKEN"))
+    parser.add_argument("-token", "--token", dest="token",
+                        default=os.environ.get("LICTOR_HTTP_TOKEN") or os.environ.get("CONSUL_HTTP_TOKEN"))
     parser.add_argument("-format", "--format", dest="format", choices=["table", "json"], default="table")
     return parser
 

@@ -54,7 +54,6 @@ EXIT_NEGATIVE = 2  # a well-formed question whose answer is "no" / "not found"
 def _parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
     parser = _client_parser(prog)
     parser.description = description
-    parser.set_defaults(token=os.environ.get("LICTOR_HTTP_TOKEN") or os.environ.get("CONSUL_HTTP_TOKEN"))
     return parser
 
 
@@ -1188,6 +1187,24 @@ def cmd_watch(argv: list[str]) -> int:
 
 # -- registration -----------------------------------------------------------------------------------
 
+
+def _guarded(func: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    """A reply that is not JSON (something else on that port), and Ctrl-C, end in one line, not a traceback."""
+
+    def run(argv: list[str]) -> int:
+        try:
+            return func(argv)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"the reply was not JSON ({exc.msg}): is -http-addr pointing at a lictor or Consul "
+                           "agent's HTTP port?") from None
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+
+    run.__doc__ = func.__doc__
+    return run
+
+
 for _name, _func in {
     "version": cmd_version,
     "leave": cmd_leave,
@@ -1202,6 +1219,6 @@ for _name, _func in {
     "operator": cmd_operator_extra,
     "watch": cmd_watch,
 }.items():
-    register_command(_name, _func)
+    register_command(_name, _guarded(_func))
 
 __all__ = ["EXIT_ERROR", "EXIT_NEGATIVE", "EXIT_OK", "EXIT_USAGE", "Progress"]

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -253,6 +254,29 @@ def test_wait_leader(agent: AgentProc) -> None:
     doc = json.loads(run("operator", "raft", "wait-leader", "-format", "json", addr=agent.http_addr).stdout)
     assert doc["Leader"] == agent.leader()
     assert run("operator", "raft", "wait-leader", "-timeout", "soon", addr=agent.http_addr).returncode == 2
+
+
+def test_wait_leader_waits_for_an_agent_that_is_still_starting(tmp_path: Path) -> None:
+    """Waiting shows progress on stderr, then the leader on stdout once one is elected."""
+    http_port = free_port()
+    waiter = subprocess.Popen(LICTOR + ["operator", "raft", "wait-leader", "-timeout", "60s"],
+                              env=clean_env(LICTOR_HTTP_ADDR=f"127.0.0.1:{http_port}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    late = AgentProc("late", http_port, ["-dev", "-node", "late", "-http-port", str(http_port), "-dns-port", "-1"],
+                     tmp_path / "late.log")
+    try:
+        time.sleep(1.5)
+        assert waiter.poll() is None  # still waiting: nobody there yet
+        late.start()
+        out, err = waiter.communicate(timeout=60)
+        assert waiter.returncode == 0, err
+        assert out.startswith("Leader: ")
+        assert "Waiting for a cluster leader..." in err and "Leader elected after" in err
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait(10)
+        late.kill()
 
 
 # -- catalog / services ---------------------------------------------------------------------------
