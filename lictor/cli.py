@@ -127,7 +127,21 @@ def cmd_operator(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def cmd_demo(argv: list[str]) -> int:
+    from lictor.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def cmd_gateway(argv: list[str]) -> int:
+    from lictor.gateway.cli import main as gateway_main
+
+    return gateway_main(argv) or 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "demo": cmd_demo,
+    "gateway": cmd_gateway,
     "agent": cmd_agent,
     "keygen": cmd_keygen,
     "version": cmd_version,
