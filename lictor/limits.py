@@ -117,7 +117,7 @@ class LimitsMiddleware:
             count_refusal("rate")
             await PlainTextResponse("rate limit exceeded", status_code=429, headers={"Retry-After": "1"})(scope, receive, send)
             return
-        max_body = self.config.http_max_body
+        max_body = _body_limit(scope["path"], self.config.http_max_body)
         if max_body > 0:
             declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
             if declared is not None and declared.isdigit() and int(declared) > max_body:
@@ -171,6 +171,18 @@ class LimitsMiddleware:
             if sid in local.services:
                 return None, replay  # re-registering replaces: no growth
         return f"Too many services on this agent: the limit is {self.config.max_services}", replay
+
+
+# Endpoints whose bodies are legitimately bigger than an API request: snapshot restore and an
+# agent's full anti-entropy sync. Their handlers enforce these same bounds.
+BIG_BODY_PATHS = {"/v1/snapshot": 256 * 1024 * 1024, "/v1/internal/agent/sync": 64 * 1024 * 1024,
+                  "/v1/internal/agent/checks": 64 * 1024 * 1024}
+
+
+def _body_limit(path: str, configured: int) -> int:
+    if configured <= 0:
+        return 0
+    return max(configured, BIG_BODY_PATHS.get(path, 0))
 
 
 def _cap_body(receive: Any, send: Any, limit: int) -> tuple[Any, Any]:

@@ -48,7 +48,7 @@ CLIENT_CACHE_TTL = 0.5
 # While no server answers, a client agent keeps using answers up to this old (Consul's
 # `down_policy = "extend-cache"`), then fails closed.
 CLIENT_STALE_LIMIT = 30.0
-BODY_LIMIT = 4 * 1024 * 1024
+BODY_LIMIT = 64 * 1024 * 1024  # what the largest body-checked request (an agent's full sync) may be
 HIDDEN = "<hidden>"
 
 LINK = Struct("ACLLink", {"ID": Str(), "Name": Str()})
