@@ -151,6 +151,9 @@ class LocalStore:
     def __init__(self, path: str | None) -> None:
         self.path = path
         self.db: aiosqlite.Connection | None = None
+        # One connection, many coroutines: a transaction must not interleave with another's
+        # statements ("cannot start a transaction within a transaction").
+        self.lock = asyncio.Lock()
 
     async def open(self) -> None:
         if self.path is None:
@@ -192,7 +195,18 @@ class LocalStore:
         """One transaction, so a registration and its checks are stored together or not at all."""
         if self.db is None:
             return
-        db = self.db
+        async with self.lock:
+            await self._write_locked(self.db, services, checks, delete_services, delete_checks, meta)
+
+    async def _write_locked(
+        self,
+        db: aiosqlite.Connection,
+        services: list[tuple[dict, str]],
+        checks: list[tuple[CheckSpec, str, str, float | None, str]],
+        delete_services: list[str],
+        delete_checks: list[str],
+        meta: dict[str, str] | None,
+    ) -> None:
         await db.execute("BEGIN")
         try:
             for sid in delete_services:
@@ -216,11 +230,12 @@ class LocalStore:
     async def update_check_states(self, rows: list[tuple[str, str, str, float | None]]) -> None:
         if self.db is None or not rows:
             return
-        await self.db.executemany(
-            "UPDATE checks SET status = ?, output = ?, ttl_deadline = ? WHERE id = ?",
-            [(status, output, deadline, cid) for cid, status, output, deadline in rows],
-        )
-        await self.db.commit()
+        async with self.lock:
+            await self.db.executemany(
+                "UPDATE checks SET status = ?, output = ?, ttl_deadline = ? WHERE id = ?",
+                [(status, output, deadline, cid) for cid, status, output, deadline in rows],
+            )
+            await self.db.commit()
 
     async def close(self) -> None:
         if self.db is not None:

@@ -177,6 +177,7 @@ class Agent:
                     "Server": config.server,
                     "Version": __version__,
                     "BuildDate": "2026-11-25T00:00:00Z",
+                    "DefaultIntentionPolicy": config.default_intention_policy,
                 },
                 "DebugConfig": {"DataDir": config.data_dir, "DevMode": config.dev, "HTTPAddr": config.http_addr,
                                 "RaftAddr": config.raft_addr if config.server else "", "DNSPort": config.dns_port},

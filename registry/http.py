@@ -285,7 +285,7 @@ class RegistryAPI:
         elif not opts.stale and self.log.leader() is None:
             # Default consistency needs a leader; `?stale` is how a client says it doesn't.
             raise APIError("No cluster leader", 500)
-        index, data = await blocking(opts, self.log.feed, lambda: views.read(self.store, view, *args, **kwargs))
+        index, data = await blocking(opts, self.log.feed, lambda: views.read_shared(self.store, view, *args, **kwargs))
         return opts, index, data
 
     def _reply(self, request: Request, data: Any, index: int, opts: QueryOptions, status: int = 200) -> Response:

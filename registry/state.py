@@ -92,11 +92,12 @@ class StateStore:
     def _init_runtime(self) -> None:
         self.lock = threading.RLock()
         self.listeners: list[Callable[[int], None]] = []
+        self.read_cache: dict[Any, Any] = {}  # views.read_shared; valid for one index
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("lock", None)
-        state.pop("listeners", None)
+        for runtime_only in ("lock", "listeners", "read_cache"):
+            state.pop(runtime_only, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -108,6 +109,7 @@ class StateStore:
         with self.lock:
             for key, value in other.__getstate__().items():
                 setattr(self, key, value)
+            self.read_cache.clear()  # the restored index may equal one we cached at
         self._notify()
 
     # -- applying --------------------------------------------------------------------------

@@ -16,10 +16,41 @@ from lictor.registry.state import StateStore
 Index = int
 
 
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
 def read(store: StateStore, view: Callable[..., tuple[Index, Any]], *args: Any, **kwargs: Any) -> tuple[Index, Any]:
+    """Run a view under the store's lock and return a private copy of its result."""
     with store.lock:
         index, data = view(store, *args, **kwargs)
         return max(index, 1), copy.deepcopy(data)
+
+
+def read_shared(store: StateStore, view: Callable[..., tuple[Index, Any]], *args: Any, **kwargs: Any) -> tuple[Index, Any]:
+    """Like `read`, but results are shared between callers until the store changes.
+
+    When one write wakes a thousand blocking queries on the same resource, the view is built and
+    copied once instead of a thousand times. Callers must treat the result as read-only.
+    """
+    key = (view, _freeze(args), _freeze(kwargs))
+    with store.lock:
+        cache = store.read_cache
+        if cache.get("@index") != store.index:
+            cache.clear()
+            cache["@index"] = store.index
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        index, data = view(store, *args, **kwargs)
+        result = (max(index, 1), copy.deepcopy(data))
+        if len(cache) < 4096:
+            cache[key] = result
+        return result
 
 
 def _table(store: StateStore, *tables: str) -> Index:
