@@ -198,46 +198,6 @@ class ServerAgent:
                 log.info("announcing this server failed (%s); retrying", exc.message)
                 await asyncio.sleep(0.5)
 
-    def own_registration(self) -> dict[str, Any]:
-        config = self.config
-        return {
-            "Node": config.node,
-            "Address": config.bind,
-            "Datacenter": config.datacenter,
-            "TaggedAddresses": {"lan": config.bind, "lan_ipv4": config.bind, "wan": config.bind, "wan_ipv4": config.bind},
-            "NodeMeta": {"consul-network-segment": ""} | dict(config.node_meta),
-            "Service": {
-                "ID": "consul",
-                "Service": "consul",
-                "Tags": [],
-                "Address": "",
-                "TaggedAddresses": {},
-                "Meta": {"raft_version": "3", "version": "0.1.0"},
-                "Port": config.raft_port,
-                "Weights": {"Passing": 1, "Warning": 1},
-                "EnableTagOverride": False,
-                "Kind": "",
-                "Proxy": {},
-                "Connect": {},
-            },
-            "Checks": [self.liveness_check("passing", "Agent alive and reachable")],
-        }
-
-    @staticmethod
-    def liveness_check(status: str, output: str) -> dict[str, Any]:
-        return {
-            "CheckID": LIVENESS_CHECK_ID,
-            "Name": "Serf Health Status",
-            "Status": status,
-            "Notes": "",
-            "Output": output,
-            "ServiceID": "",
-            "Type": "",
-            "Interval": "",
-            "Timeout": "",
-            "Definition": {},
-        }
-
     # -- node liveness (leader only) ------------------------------------------------------------------
 
     async def _leader_duties(self) -> None:
