@@ -840,6 +840,9 @@ def connect_proxy(argv: list[str]) -> int:
             raise  # the proxy exists but one of its own imports is broken: show the real error
         raise CLIError("`connect proxy` is not available in this build: lictor.agent.proxy is not installed "
                        f"({exc}); install a lictor release that includes the sidecar proxy") from None
+    token = os.environ.get("LICTOR_HTTP_TOKEN")
+    if token and not any(a.lstrip("-").split("=")[0] == "token" for a in argv):
+        argv = ["-token", token, *argv]  # the same token precedence as every other command
     return int(proxy_main(argv) or 0)
 
 

@@ -568,13 +568,26 @@ def _proxy_available() -> bool:
         return False
 
 
-def test_connect_proxy_entry_point() -> None:
+def test_connect_proxy_not_installed_or_usage() -> None:
     result = run("connect", "proxy", "-h", timeout=30.0)
-    if _proxy_available():
-        assert result.returncode == 0, result.stderr
-    else:
+    if not _proxy_available():
         assert result.returncode == 1
         assert "`connect proxy` is not available in this build" in one_error_line(result)
+        return
+    assert result.returncode == 0 and "-sidecar-for" in result.stdout, result.stderr
+    usage = run("connect", "proxy", timeout=30.0)
+    assert usage.returncode == 2 and "-sidecar-for" in usage.stderr
+
+
+def test_connect_proxy_for_an_unknown_service(agent: AgentProc) -> None:
+    """No registration to front: one line naming the service and what to register, exit 1."""
+    if not _proxy_available():
+        pytest.skip("lictor.agent.proxy.cli is not in this build (see test_connect_proxy_not_installed_or_usage)")
+    # The proxy retries for its startup timeout (30 s) in case the registration is on its way.
+    result = run("connect", "proxy", "-sidecar-for", "cli-no-such-service", addr=agent.http_addr, timeout=120.0)
+    assert result.returncode == 1, result.stderr
+    assert "no connect-proxy registration found for 'cli-no-such-service'" in result.stderr
+    assert "Connect.SidecarService" in result.stderr
 
 
 # -- snapshot -------------------------------------------------------------------------------------
