@@ -2,14 +2,16 @@
 
 Start one next to a service registered with `Connect.SidecarService`:
 `python -m lictor.agent.proxy -sidecar-for web -http-addr 127.0.0.1:8500`.
+
+The names below load lazily (PEP 562): `lictor.gateway.proxy` imports `lictor.agent.proxy.tls`, and
+the sidecar's http upstreams import the gateway's connection pool, so importing this package must
+not pull in the whole proxy.
 """
 
 from __future__ import annotations
 
-from lictor.agent.proxy.balancer import Balancer, Endpoint
-from lictor.agent.proxy.cli import main
-from lictor.agent.proxy.config import ProxySpec, UpstreamSpec, parse_registration
-from lictor.agent.proxy.proxy import ProxyError, SidecarProxy, run_proxy
+import importlib
+from typing import Any
 
 __all__ = [
     "Balancer",
@@ -22,3 +24,17 @@ __all__ = [
     "parse_registration",
     "run_proxy",
 ]
+
+_WHERE = {
+    "Balancer": "balancer", "Endpoint": "balancer", "main": "cli", "ProxySpec": "config", "UpstreamSpec": "config",
+    "parse_registration": "config", "ProxyError": "proxy", "SidecarProxy": "proxy", "run_proxy": "proxy",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -40,6 +40,7 @@ class UpstreamSpec:
     connect_retries: int = DEFAULT_CONNECT_RETRIES
     max_failures: int = DEFAULT_MAX_FAILURES
     ejection_time: float = DEFAULT_EJECTION_TIME
+    protocol: str = ""  # the upstream's Config.protocol; service-/proxy-defaults of the destination win
 
     @property
     def listener_key(self) -> tuple[str, int]:
@@ -108,6 +109,7 @@ def _upstream(raw: Mapping[str, Any]) -> UpstreamSpec | None:
         connect_retries=int(_num(cfg.get("connect_retries"), DEFAULT_CONNECT_RETRIES, 0, 16)),
         max_failures=int(_num(max_fail, DEFAULT_MAX_FAILURES, 1, 1000)),
         ejection_time=_duration_seconds(eject, DEFAULT_EJECTION_TIME),
+        protocol=str(cfg.get("protocol") or cfg.get("Protocol") or "").lower(),
     )
 
 

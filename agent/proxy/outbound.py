@@ -1,5 +1,9 @@
 """Outbound listeners: one plain TCP port per upstream, mTLS to a healthy sidecar of the destination.
 
+An upstream whose destination protocol is http gets a `route` (its compiled discovery chain, kept by
+`l7.ChainWatcher`): its new connections are then parsed and routed per request by `l7.HTTPOutbound`.
+Without a route (tcp, http2, grpc) a connection is relayed at L4 as described here.
+
 Per accepted connection: refuse it when the upstream is at its connection limit (circuit breaker),
 else pick an endpoint (balancer), dial it with TLS presenting our leaf, check the server's chain
 (the ssl module, against the roots) and its URI SAN (must be the destination service), and on a
@@ -12,7 +16,7 @@ import asyncio
 import logging
 import ssl
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lictor.agent.proxy.balancer import Balancer, Endpoint
 from lictor.agent.proxy.config import UpstreamSpec
@@ -21,6 +25,9 @@ from lictor.agent.proxy.state import ProxyState
 from lictor.agent.proxy.tls import peer_uris, sni_for
 from lictor.errors import BadRequest
 from lictor.registry.intentions import spiffe_service
+
+if TYPE_CHECKING:
+    from lictor.agent.proxy.l7 import L7Router, RouteTable
 
 __all__ = ["OutboundClient", "Upstream", "endpoints_from_health"]
 
@@ -91,6 +98,15 @@ class Upstream:
         self.clients: set[OutboundClient] = set()
         self.server: asyncio.AbstractServer | None = None
         self.have_endpoints = asyncio.Event()
+        self.route: RouteTable | None = None  # set (and swapped whole) by l7.ChainWatcher for http
+        self.router: L7Router | None = None
+
+    def _protocol(self) -> asyncio.Protocol:
+        if self.route is not None and self.router is not None:
+            from lictor.agent.proxy.l7 import HTTPOutbound
+
+            return HTTPOutbound(self, self.router)
+        return OutboundClient(self)
 
     def reconfigure(self, spec: UpstreamSpec) -> None:
         self.spec = spec
@@ -104,7 +120,7 @@ class Upstream:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: OutboundClient(self), self.spec.bind_address,
+        self.server = await loop.create_server(self._protocol, self.spec.bind_address,
                                                self.spec.bind_port, reuse_address=True, backlog=4096)
 
     async def stop(self, close_connections: bool = True) -> None:
@@ -187,6 +203,8 @@ class Upstream:
             "DestinationName": self.spec.destination,
             "LocalBindAddress": self.spec.bind_address,
             "LocalBindPort": self.spec.bind_port,
+            "Protocol": "http" if self.route is not None else "tcp",
+            "Chain": self.route.summary() if self.route is not None else None,
             "LBPolicy": self.balancer.policy,
             "ActiveConnections": self.active,
             "MaxConnections": self.spec.max_connections,

@@ -19,6 +19,7 @@ from typing import Any
 from lictor.agent.proxy.authz import Authorizer
 from lictor.agent.proxy.config import HTTP_PROTOCOLS, ProxySpec, UpstreamSpec, parse_registration
 from lictor.agent.proxy.inbound import InboundListener
+from lictor.agent.proxy.l7 import ChainWatcher, L7Router
 from lictor.agent.proxy.outbound import Upstream, endpoints_from_health
 from lictor.agent.proxy.state import ProxyState
 from lictor.agent.proxy.tls import TLSMaterial, client_context, server_context
@@ -63,6 +64,8 @@ class SidecarProxy:
         self._metrics: asyncio.AbstractServer | None = None
         self._stopped = asyncio.Event()
         self.started_at = time.time()
+        self.chains: ChainWatcher | None = None  # discovery chains of http upstreams
+        self.l7: L7Router | None = None
 
     # -- startup --------------------------------------------------------------------------------
 
@@ -128,6 +131,10 @@ class SidecarProxy:
                                  self._apply_intentions, ready=ready["intentions"], what="intentions"), "intentions")
         self._spawn(follow_index(c, f"/v1/config/service-defaults/{dest}", {}, self._apply_protocol,
                                  ready=ready["protocol"], allow_404=True, what="service-defaults"), "protocol")
+        self.l7 = L7Router(state.stats)
+        self.chains = ChainWatcher(c, dc)
+        self.chains.start()
+        ready.update({f"config {k}": e for k, e in self.chains.ready.items()})
         try:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready.values())),
                                    max(1.0, deadline - time.monotonic()))
@@ -140,6 +147,7 @@ class SidecarProxy:
         self.inbound = InboundListener(state, spec.address if _is_ip(spec.address) else "127.0.0.1", spec.port)
         await self.inbound.start()
         await self._apply_upstreams(spec.upstreams)
+        await self.chains.settled()  # http upstreams route from their first request
         self._spawn(follow_hash(c, f"/v1/agent/service/{spec.proxy_id}", self._apply_service,
                                 what=f"service {spec.proxy_id}"), "service")
         if self.metrics_port is not None:
@@ -167,6 +175,8 @@ class SidecarProxy:
             return
         state.server_ctx, state.client_ctx = server, client  # swapped whole: new connections only
         state.trust_domain = material.trust_domain
+        if self.l7 is not None:
+            self.l7.set_tls(client, material.trust_domain)
         state.own_uri = str(self._leaf.get("ServiceURI") or "")
         state.stats.inc("tls_reloads")
 
@@ -226,14 +236,19 @@ class SidecarProxy:
         for key, spec in by_key.items():
             if key in self.upstreams:
                 self.upstreams[key].reconfigure(spec)
+                if self.chains is not None:
+                    self.chains.recompile()  # the upstream's Config.protocol may have changed
                 continue
             up = Upstream(self.state, spec)
+            up.router = self.l7
             try:
                 await up.start()
             except OSError as exc:
                 log.error("upstream %s: cannot listen on %s:%d: %s", spec.destination, *key, exc)
                 continue
             self.upstreams[key] = up
+            if self.chains is not None:
+                self.chains.attach(up)
             self._upstream_tasks[key] = asyncio.get_running_loop().create_task(
                 follow_index(self.client, f"/v1/health/connect/{spec.destination}", {"passing": "1"},
                              lambda entries, u=up: u.set_endpoints(endpoints_from_health(entries)),
@@ -242,6 +257,8 @@ class SidecarProxy:
 
     async def _remove_upstream(self, key: tuple[str, int]) -> None:
         up = self.upstreams.pop(key)
+        if self.chains is not None:
+            self.chains.detach(up)
         task = self._upstream_tasks.pop(key, None)
         if task is not None:
             task.cancel()
@@ -304,8 +321,12 @@ class SidecarProxy:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        if self.chains is not None:
+            await self.chains.stop()
         for key in list(self.upstreams):
             await self._remove_upstream(key)
+        if self.l7 is not None:
+            self.l7.close()
         if self.inbound is not None:
             await self.inbound.stop()
         if self._metrics is not None:
