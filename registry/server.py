@@ -10,6 +10,8 @@ to add it as a peer instead. The peer list is saved in the data dir, so a restar
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -22,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from lictor.config import AgentConfig
-from lictor.decode import ListOf, MapOf, Str, Struct, check_name, decode_body
+from lictor.decode import Float, ListOf, MapOf, Str, Struct, check_name, decode_body
 from lictor.errors import APIError, BadRequest
 from lictor.httpapi import empty_ok, guarded, json_response, read_body
 from lictor.registry import views
@@ -41,8 +43,15 @@ log = logging.getLogger("lictor.server")
 
 HELLO = Struct(
     "Hello",
-    {"Node": Str(), "RaftAddr": Str(), "HTTPAddr": Str(), "Datacenter": Str()},
+    {"Node": Str(), "RaftAddr": Str(), "HTTPAddr": Str(), "Datacenter": Str(), "Time": Float(), "Proof": Str()},
 )
+JOIN_PROOF_WINDOW = 300.0  # seconds a join request's proof stays valid
+
+
+def join_proof(key: str, raft_addr: str, when: float) -> str:
+    """Who may join the Raft cluster: only someone holding the cluster key can compute this."""
+    message = f"lictor-join|{raft_addr}|{when:.3f}".encode()
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
 HEARTBEAT = Struct("Heartbeat", {"Node": Str()})
 AGENT_SYNC = Struct(
     "AgentSync",
@@ -170,7 +179,7 @@ class ServerAgent:
             try:
                 resp = await self.http.post(
                     f"http://{target}/v1/internal/cluster/join",
-                    json={"RaftAddr": self.config.raft_addr, "Node": self.config.node, "HTTPAddr": self.config.http_addr},
+                    json=self._join_request(),
                     timeout=15.0,
                 )
             except httpx.HTTPError:
@@ -181,6 +190,11 @@ class ServerAgent:
                 return sorted(set(peers) | {self.config.raft_addr})
             log.warning("join via %s refused: %s", target, resp.text)
         return None
+
+    def _join_request(self) -> dict[str, Any]:
+        now = time.time()
+        return {"RaftAddr": self.config.raft_addr, "Node": self.config.node, "HTTPAddr": self.config.http_addr,
+                "Time": now, "Proof": join_proof(self.config.encrypt, self.config.raft_addr, now)}
 
     async def _announce_self(self) -> None:
         """Record this server (names and HTTP address) and its catalog entry once a leader exists."""
@@ -338,6 +352,12 @@ class ServerAgent:
         addr = body.get("RaftAddr", "")
         if not addr or ":" not in addr:
             raise BadRequest("RaftAddr must be host:port")
+        # Adding a peer changes the quorum: a stranger could add dead peers until the cluster
+        # cannot commit. Only a holder of the cluster key may join.
+        sent = body.get("Time", 0.0)
+        expected = join_proof(self.config.encrypt, addr, sent)
+        if abs(time.time() - sent) > JOIN_PROOF_WINDOW or not hmac.compare_digest(expected, body.get("Proof", "")):
+            raise APIError("Permission denied: a join must be signed with the cluster key (-encrypt)", 403)
         await self.log.add_peer(addr)
         self.known[addr] = {k: body.get(k, "") for k in ("Node", "RaftAddr", "HTTPAddr")}
         return json_response({"Peers": self.log.peers()})

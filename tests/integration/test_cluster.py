@@ -192,3 +192,13 @@ def test_no_quorum_answers_no_cluster_leader(cluster: Cluster) -> None:
     assert elapsed < 12
     # Stale reads still work without a leader.
     assert survivor.get("/v1/catalog/services?stale").status_code == 200
+
+
+def test_joining_needs_the_cluster_key(cluster: Cluster) -> None:
+    server = cluster.servers[0]
+    stranger = {"RaftAddr": "127.0.0.1:1", "Node": "evil", "HTTPAddr": "127.0.0.1:2"}
+    resp = httpx.post(f"{server.url}/v1/internal/cluster/join", json=stranger, timeout=10)
+    assert resp.status_code == 403 and "cluster key" in resp.text
+    forged = stranger | {"Time": time.time(), "Proof": "00" * 32}
+    assert httpx.post(f"{server.url}/v1/internal/cluster/join", json=forged, timeout=10).status_code == 403
+    assert "127.0.0.1:1" not in kv_client(server).status.peers()
