@@ -1,0 +1,70 @@
+"""JSON-lines access logs for the gateway and the sidecars, written off the request path.
+
+A request appends one dict to a bounded queue (no encoding, no I/O on the event loop); a daemon
+thread turns batches into JSON lines and writes them with one `write` per batch. A full queue drops
+the record and counts it (`AccessLog.dropped`) rather than stall the proxy.
+
+    log = AccessLog("/var/log/lictor/gw.jsonl")      # or "-" for stdout
+    log.record(time.time(), {"trace_id": ..., "source": "ingress-gw", "destination": "web", ...})
+
+Fields in every line, in this order: `timestamp` (RFC 3339, UTC, ms), then the record's keys.
+The proxies use the keys in `FIELDS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from lictor.tracing import BatchWorker
+
+__all__ = ["FIELDS", "AccessLog", "format_timestamp"]
+
+# The keys the gateway and the sidecars write (absent or null when a hop does not know one).
+FIELDS = ("trace_id", "span_id", "proxy", "source", "destination", "route", "split_target", "upstream_address",
+          "method", "path", "status", "duration_ms", "bytes_received", "bytes_sent", "retries", "intention",
+          "downstream_address", "peer_spiffe_id")
+
+
+def format_timestamp(ts: float) -> str:
+    secs = int(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{int((ts - secs) * 1000):03d}Z"
+
+
+class AccessLog(BatchWorker):
+    """`record(ts, fields)` from the event loop; a background thread encodes and writes."""
+
+    def __init__(self, path: str, *, max_queue: int = 65536, batch: int = 1024, interval: float = 0.2) -> None:
+        self.path = path
+        self._out: TextIO | None = None
+        super().__init__("lictor-access-log", max_queue, batch, interval)
+
+    def record(self, ts: float, fields: dict[str, Any]) -> None:
+        self.put((ts, fields))
+
+    def _file(self) -> TextIO:
+        if self._out is None:
+            if self.path == "-":
+                self._out = sys.stdout
+            else:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                self._out = open(self.path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
+        return self._out
+
+    def handle(self, items: list[tuple[float, dict[str, Any]]]) -> None:
+        dumps = json.dumps
+        lines = [dumps({"timestamp": format_timestamp(ts), **fields}, separators=(",", ":"), default=str)
+                 for ts, fields in items]
+        out = self._file()
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.flush(timeout)
+        super().close(timeout)
+        if self._out is not None and self._out is not sys.stdout:
+            self._out.close()
+            self._out = None
