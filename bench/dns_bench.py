@@ -1,6 +1,8 @@
 """DNS benchmark: Lictor's DnsServer vs unbound serving the same static records.
 
-Usage (needs `apt-get install -y dnsperf unbound`):
+Three targets in one run: a real `lictor agent -dev` (records registered over its HTTP API), the
+bare DnsServer in its own process (what the agent's DNS costs without the rest of the agent), and
+unbound. Usage (installs dnsperf and unbound with apt when run as root and they are missing):
     .venv/bin/python bench/dns_bench.py [--seconds 10] [--uvloop] [--rate 3000]
 
 For each server it runs dnsperf twice: unthrottled (max QPS) and at a fixed
@@ -141,11 +143,49 @@ def serve(port: int, use_uvloop: bool) -> None:
     asyncio.run(main())
 
 
+def ensure_tools() -> bool:
+    missing = [t for t in ("dnsperf", "unbound", "dig") if shutil.which(t) is None]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"installing {missing} with apt-get", file=sys.stderr)
+        subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "dnsperf", "unbound", "bind9-dnsutils"], check=False,
+                       stdout=subprocess.DEVNULL, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        missing = [t for t in ("dnsperf", "unbound", "dig") if shutil.which(t) is None]
+    if missing:
+        print(f"missing {missing}: apt-get install -y dnsperf unbound bind9-dnsutils", file=sys.stderr)
+        return False
+    return True
+
+
+def start_agent(dns_port: int) -> tuple[subprocess.Popen, int]:
+    """A real `lictor agent -dev` holding the same records, registered through its HTTP API."""
+    import httpx
+
+    http_port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lictor.cli", "agent", "-dev", "-node", "bench",
+                             "-http-port", str(http_port), "-dns-port", str(dns_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/v1/status/leader", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    snap = snapshot()
+    addresses = {n["Node"]: n["Address"] for n in snap["Nodes"]}
+    for svc in snap["Services"]:
+        body = {"Node": svc["Node"], "Address": addresses[svc["Node"]],
+                "Service": {"ID": svc["ID"], "Service": svc["Service"], "Tags": svc["Tags"], "Port": svc["Port"]}}
+        httpx.put(base + "/v1/catalog/register", json=body, timeout=5).raise_for_status()
+    return proc, http_port
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    for tool in ("dnsperf", "unbound", "dig"):
-        if shutil.which(tool) is None:
-            print(f"missing {tool}: apt-get install -y dnsperf unbound bind9-dnsutils", file=sys.stderr)
-            return 2
+    if not ensure_tools():
+        return 2
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         qfile = os.path.join(tmp, "queries.txt")
@@ -158,8 +198,15 @@ def run_bench(args: argparse.Namespace) -> int:
         Path(conf).write_text(unbound_conf(uport, tmp, args.unbound_threads))
         servers["unbound"] = ["unbound", "-d", "-c", conf]
         ports = {"lictor": lport, "unbound": uport}
+        aport = free_port()
+        servers = {"agent": [], **servers}  # a whole `lictor agent -dev` first, then the bare DNS server
+        ports["agent"] = aport
         for name, cmd in servers.items():
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None)
+            if name == "agent":
+                proc, _ = start_agent(aport)
+                time.sleep(0.5)  # let the agent's view pick up the registrations
+            else:
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None)
             try:
                 wait_ready(ports[name])
                 maxq = dnsperf(ports[name], qfile, args.seconds, None, args.clients, args.outstanding)
@@ -179,7 +226,9 @@ def run_bench(args: argparse.Namespace) -> int:
             f"{name:10} {r['qps']:10.0f} {r['lost']:6.0f} {r.get('p50_ms', float('nan')):9.2f}ms {r.get('p99_ms', float('nan')):9.2f}ms"
         )
     if results.get("unbound", {}).get("qps"):
-        print(f"ratio lictor/unbound QPS: {results['lictor']['qps'] / results['unbound']['qps']:.1%}")
+        for name in ("agent", "lictor"):
+            if name in results:
+                print(f"ratio {name}/unbound QPS: {results[name]['qps'] / results['unbound']['qps']:.1%}")
     return 0
 
 
