@@ -175,6 +175,9 @@ def install(level_name: str = "info") -> LogHub:
         if _hub is None:
             _hub = LogHub()
             root.addHandler(_hub)
+        quiet = logging.getLogger("httpcore")  # per-request trace noise once root drops to debug
+        if quiet.level == logging.NOTSET:
+            quiet.setLevel(logging.WARNING)
         for handler in root.handlers:
             if handler is not _hub and handler.level == logging.NOTSET:
                 handler.setLevel(level)  # lowering root for a debug monitor must not flood stderr
@@ -209,6 +212,8 @@ async def agent_monitor(request: Request) -> Response:
     # Subscribe before answering, so everything logged after the request arrived is streamed.
     sub = log_hub.subscribe(level)
     backlog = log_hub.recent(level, history)
+    # A line logged between subscribe() and recent() is in both; skip it the second time.
+    replayed = {id(e) for e in backlog[-QUEUE_SIZE:]}
 
     async def lines() -> AsyncIterator[str]:
         try:
@@ -216,6 +221,10 @@ async def agent_monitor(request: Request) -> Response:
                 yield "".join(fmt(e) for e in backlog)
             while True:
                 entry = await sub.queue.get()
+                if replayed:
+                    if id(entry) in replayed:
+                        continue
+                    replayed.clear()
                 chunk = [fmt(entry)]
                 while len(chunk) < 256 and not sub.queue.empty():
                     chunk.append(fmt(sub.queue.get_nowait()))
