@@ -18,6 +18,14 @@ to the instance's sidecar (`Upstream`, one request at a time, HTTP/1.1), opened 
 own leaf, the server's SPIFFE id checked against the target service. Retries, the route timeout
 (504 `upstream request timeout`) and header changes happen here; no body is buffered beyond what a
 retry needs (the request body; the response streams once its status is accepted).
+
+*Observability* (both optional, off unless configured). With `-otlp-endpoint` every request gets an
+inbound (SERVER) span, continuing the caller's W3C/B3 context or starting a trace, and one outbound
+(CLIENT) span per upstream attempt, whose context is what the sidecar receives in `traceparent`; a
+retried request shows one outbound span per try and `retry.count` plus a `retry` event per retry on
+the inbound span. With `-access-log` each request appends one JSON line. Both only append to a
+bounded queue on the event loop; encoding and I/O run in a background thread (lictor.tracing,
+lictor.accesslog).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from urllib.parse import quote
 import httptools
 import httpx
 
+from lictor.accesslog import AccessLog
 from lictor.agent.proxy.tls import TLSMaterial, client_context, peer_uris
 from lictor.gateway.chain import ChainError, CompiledChain, HeaderMods, Target, compile_chain
 from lictor.gateway.ingress import IngressListener, build_listeners
@@ -51,6 +60,28 @@ from lictor.gateway.router import (
     select_target,
     should_retry,
 )
+from lictor.tracing import (
+    ATTR_ATTEMPT,
+    ATTR_CLIENT_ADDRESS,
+    ATTR_INSTANCE,
+    ATTR_METHOD,
+    ATTR_PATH,
+    ATTR_PEER_SPIFFE_ID,
+    ATTR_PROXY,
+    ATTR_RETRY_COUNT,
+    ATTR_ROUTE,
+    ATTR_SERVICE,
+    ATTR_SPLIT_TARGET,
+    ATTR_TARGET,
+    ATTR_UPSTREAM,
+    CLIENT,
+    SERVER,
+    TRACE_HEADERS,
+    OtlpExporter,
+    Span,
+    TraceContext,
+    Tracer,
+)
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT", "Gateway", "GatewayConfig", "Snapshot"]
 
@@ -64,6 +95,7 @@ MAX_PIPELINED = 16
 CHAIN_KINDS = ("service-defaults", "proxy-defaults", "service-router", "service-splitter", "service-resolver")
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                          "upgrade", "content-length"})
+_HOP_BY_HOP_AND_TRACE = _HOP_BY_HOP | TRACE_HEADERS
 _RESPONSE_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "trailer",
                            "upgrade"})
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large", 500: "Internal Server Error",
@@ -78,6 +110,9 @@ class GatewayConfig:
     metrics_port: int = 0  # 0 = no admin/metrics listener
     token: str = ""
     blocking_wait: str = DEFAULT_BLOCKING_WAIT
+    otlp_endpoint: str = ""  # "" = no tracing; spans go to <endpoint>/v1/traces (OTLP/HTTP JSON)
+    trace_sample_ratio: float = 1.0  # for traces this gateway starts; a caller's sampled flag wins
+    access_log: str = ""  # "" = off, "-" = stdout, else a file (JSON lines)
 
     @property
     def agent_url(self) -> str:
@@ -106,7 +141,7 @@ class Upstream(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to a sidecar; one exchange at a time."""
 
     __slots__ = ("pool_key", "transport", "parser", "head", "chunks", "done", "sink", "status", "headers",
-                 "keep_alive", "closed", "received", "paused_by")
+                 "keep_alive", "closed", "received", "paused_by", "peer_id")
 
     def __init__(self, pool_key: tuple[str, int, str]) -> None:
         self.pool_key = pool_key
@@ -121,6 +156,7 @@ class Upstream(asyncio.Protocol):
         self.keep_alive = True
         self.closed = False
         self.received = False
+        self.peer_id = ""  # the sidecar's SPIFFE id, checked at connect (spans and access logs report it)
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -232,6 +268,7 @@ class Pool:
         if not _identity_ok(uris, target.service, self.trust_domain):
             transport.abort()
             raise UpstreamError("connect", f"upstream identity {uris} is not service {target.service!r}")
+        conn.peer_id = uris[0]
         return conn, False
 
     def release(self, conn: Upstream) -> None:
@@ -310,6 +347,9 @@ class Downstream(asyncio.Protocol):
         self.can_write: asyncio.Event | None = None
         self.upstream_paused: Upstream | None = None
         self.waiter: asyncio.Future[None] | None = None
+        # The request being served (requests on a connection are served one at a time), when traced
+        # or logged: the exit paths record status and bytes here without threading it through.
+        self.obs: _Obs | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -436,6 +476,13 @@ class Gateway:
         self.admin: asyncio.AbstractServer | None = None
         self.metrics = _Metrics()
         self.compiles = 0
+        self.tracer: Tracer | None = None
+        if cfg.otlp_endpoint:
+            self.tracer = Tracer(cfg.service, OtlpExporter(cfg.otlp_endpoint), cfg.trace_sample_ratio)
+        self.access_log = AccessLog(cfg.access_log) if cfg.access_log else None
+        self.observing = self.tracer is not None or self.access_log is not None
+        self.metrics.tracer = self.tracer
+        self.metrics.access_log = self.access_log
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -472,6 +519,11 @@ class Gateway:
         self.pool.close()
         if self.client is not None:
             await self.client.aclose()
+        # flush what is queued (bounded): spans and log lines of the last requests are the useful ones
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.close)
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)
 
     async def run(self) -> None:
         await self.start()
@@ -687,6 +739,17 @@ class Gateway:
 
     async def handle(self, down: Downstream, req: _Request) -> bool:
         """Serve one request; returns whether the downstream connection stays open."""
+        if not self.observing:
+            return await self._handle(down, req, None)
+        obs = _Obs(self, down, req)
+        down.obs = obs
+        try:
+            return await self._handle(down, req, obs)
+        finally:
+            down.obs = None
+            obs.finish()
+
+    async def _handle(self, down: Downstream, req: _Request, obs: _Obs | None) -> bool:
         started = time.monotonic()
         routed = self._route(down, req)
         transport = down.transport
@@ -694,13 +757,17 @@ class Gateway:
         if isinstance(routed, bytes):
             transport.write(routed)
             self.metrics.count("", routed[9:12].decode(), started)
+            if obs is not None:
+                obs.status = int(routed[9:12])
             return req.keep_alive
         snap, vhost, service, head, d = routed
+        span = obs.routed(service, d) if obs is not None else None
         lb = d.resolver.load_balancer
         key, set_cookie = (hash_key(lb.hash_policies, head, self.rng) if lb.hash_policies else (None, None))
         # Request headers: hop-by-hop out, then ingress service, route and split changes.
+        skip = _HOP_BY_HOP_AND_TRACE if span is not None else _HOP_BY_HOP  # a traced hop re-injects its own
         out_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers
-                       if k.lower().decode("latin-1") not in _HOP_BY_HOP]
+                       if k.lower().decode("latin-1") not in skip]
         out_headers = apply_header_mods(apply_header_mods(out_headers, vhost.request_headers), d.request_headers)
         xff = head.headers.get("x-forwarded-for")
         out_headers.append(("x-forwarded-for", f"{xff}, {down.peer}" if xff else down.peer))
@@ -711,8 +778,8 @@ class Gateway:
         lines.extend(f"{k}: {v}\r\n" for k, v in out_headers)
         if req.body or req.method in ("POST", "PUT", "PATCH"):
             lines.append(f"content-length: {len(req.body)}\r\n")
-        lines.append("\r\n")
-        payload = "".join(lines).encode("latin-1") + req.body
+        head_bytes = "".join(lines).encode("latin-1")
+        payload = head_bytes + b"\r\n" + req.body  # traced: rebuilt per attempt with that attempt's context
         response_mods: HeaderMods = d.response_headers.then(vhost.response_headers)
 
         timeout = d.timeout or DEFAULT_REQUEST_TIMEOUT
@@ -733,6 +800,9 @@ class Gateway:
             if pick is None:
                 return self._reply_error(down, req, service, started, 503, last_error)
             inst = pick_instance(pick.instances, lb, self.lb_state, self.rng, key, pick.target.id)
+            if span is not None:
+                assert obs is not None
+                payload = head_bytes + obs.attempt(span, pick.target, inst, attempt) + req.body
             try:
                 idle = self.pool.take_idle(inst, pick.target)
                 if idle is not None:
@@ -744,9 +814,13 @@ class Gateway:
                 last_error = str(exc)
                 self.ejected[inst.id] = time.monotonic() + EJECTION_TIME
                 log.warning("gateway: %s %s: %s", service, inst.id, exc)
+                if obs is not None:
+                    obs.attempt_end(0, last_error)
                 if should_retry(d.retry, attempt, connect_failure=True):
                     attempt += 1
                     self.metrics.retries += 1
+                    if obs is not None:
+                        obs.retried(attempt, "connect-failure")
                     continue
                 if pick.failover or len(pick.instances) > 1 or len(d.resolver.targets) > 1:
                     # Another instance or a failover target may serve: that is failover, not a retry.
@@ -755,6 +829,8 @@ class Gateway:
                         continue
                 return self._reply_error(down, req, service, started, 503, last_error)
             self.lb_state.inflight[inst.id] = self.lb_state.inflight.get(inst.id, 0) + 1
+            if obs is not None:
+                obs.connected(conn)
             try:
                 conn.start(payload, req.method == "HEAD")
                 assert conn.head is not None
@@ -763,15 +839,21 @@ class Gateway:
                     await conn.head
                 except TimeoutError:
                     conn.abort()
+                    if obs is not None:
+                        obs.attempt_end(0, "upstream request timeout")
                     return self._reply_error(down, req, service, started, 504, "upstream request timeout")
                 except UpstreamError as exc:
                     last_error = str(exc)
+                    if obs is not None:
+                        obs.attempt_end(0, last_error)
                     if reused and not conn.received and free_retries > 0:
                         free_retries -= 1
                         continue
                     if should_retry(d.retry, attempt, reset=True):
                         attempt += 1
                         self.metrics.retries += 1
+                        if obs is not None:
+                            obs.retried(attempt, "reset")
                         continue
                     return self._reply_error(down, req, service, started, 502, last_error)
                 finally:
@@ -780,10 +862,16 @@ class Gateway:
                 if should_retry(d.retry, attempt, status=status):
                     attempt += 1
                     self.metrics.retries += 1
+                    if obs is not None:
+                        obs.attempt_end(status)
+                        obs.retried(attempt, f"status {status}")
                     await self._discard(conn, deadline)
                     continue
                 keep = await self._relay(down, req, conn, response_mods, set_cookie, deadline)
                 self.metrics.count(service, str(status), started)
+                if obs is not None:
+                    obs.status = status
+                    obs.attempt_end(status)
                 return keep
             finally:
                 self.lb_state.inflight[inst.id] -= 1
@@ -805,6 +893,9 @@ class Gateway:
         if down.transport is not None and not down.transport.is_closing():
             down.transport.write(_error_response(status, text, req.keep_alive))
         self.metrics.count(service, str(status), started)
+        if down.obs is not None:
+            down.obs.status = status
+            down.obs.error = text
         return req.keep_alive
 
     async def _relay(self, down: Downstream, req: _Request, conn: Upstream, mods: HeaderMods,
@@ -833,16 +924,23 @@ class Gateway:
                 self.pool.release(conn)
             return keep
         encode: Callable[[bytes], bytes] = _chunk if chunked else _same
+        obs = down.obs
         if conn.done.done():  # the whole response is here already: one write
             body = b"".join(conn.chunks)
+            if obs is not None:
+                obs.bytes_sent = len(body)
             transport.write(head + (encode(body) if body else b"") + (b"0\r\n\r\n" if chunked else b""))
             self.pool.release(conn)
             return keep
         transport.write(head + b"".join(encode(c) for c in conn.chunks if c))
+        if obs is not None:
+            obs.bytes_sent = sum(len(c) for c in conn.chunks)
 
         def sink(chunk: bytes) -> None:
             if chunk:
                 transport.write(encode(chunk))
+                if obs is not None:
+                    obs.bytes_sent += len(chunk)
                 if down.can_write is not None and conn.transport is not None:
                     conn.transport.pause_reading()  # the client reads slower than upstream sends
                     down.upstream_paused = conn
@@ -860,6 +958,120 @@ class Gateway:
         conn.sink = None
         self.pool.release(conn)
         return keep
+
+
+class _Obs:
+    """One request's trace spans and access-log fields (only when tracing or access logs are on)."""
+
+    __slots__ = ("gw", "down", "req", "started", "wall", "span", "ctx", "service", "route", "split", "status",
+                 "error", "retries", "bytes_sent", "try_span", "instance", "address", "peer_id")
+
+    def __init__(self, gw: Gateway, down: Downstream, req: _Request) -> None:
+        self.gw = gw
+        self.down = down
+        self.req = req
+        self.started = time.monotonic()
+        self.wall = time.time()
+        self.service = ""
+        self.route = ""
+        self.split = ""
+        self.status = 0
+        self.error = ""
+        self.retries = 0
+        self.bytes_sent = 0
+        self.try_span: Span | None = None
+        self.instance = ""
+        self.address = ""
+        self.peer_id = ""
+        self.ctx = TraceContext.from_headers(req.headers)
+        self.span: Span | None = None
+        tracer = gw.tracer
+        if tracer is not None:
+            self.span = tracer.start("inbound", SERVER, self.ctx)
+            if self.span.sampled:
+                self.span.attrs.update({ATTR_SERVICE: gw.cfg.service, ATTR_PROXY: "gateway",
+                                        ATTR_METHOD: req.method, ATTR_PATH: req.url.decode("latin-1").partition("?")[0],
+                                        ATTR_CLIENT_ADDRESS: down.peer})
+
+    def routed(self, service: str, d: Any) -> Span | None:
+        self.service = service
+        self.route = _route_label(d.route)
+        self.split = d.resolver.name
+        span = self.span
+        if span is not None and span.sampled:
+            span.name = f"inbound {service}"
+            span.attrs.update({ATTR_UPSTREAM: service, ATTR_ROUTE: self.route, ATTR_SPLIT_TARGET: self.split})
+        return span
+
+    def attempt(self, span: Span, target: Target, inst: Instance, attempt: int) -> bytes:
+        """Start the span of one upstream try; returns its trace headers, ready for the request head."""
+        self.instance = inst.id
+        self.address = f"{inst.address}:{inst.port}"
+        child = span.child(f"outbound {target.service}", CLIENT)
+        if child.sampled:
+            child.attrs.update({ATTR_SERVICE: self.gw.cfg.service, ATTR_UPSTREAM: target.service,
+                                ATTR_ROUTE: self.route, ATTR_SPLIT_TARGET: self.split, ATTR_TARGET: target.id,
+                                ATTR_INSTANCE: inst.id, "server.address": self.address, ATTR_ATTEMPT: attempt})
+        self.try_span = child
+        return "".join(f"{k}: {v}\r\n" for k, v in child.context.headers()).encode("latin-1") + b"\r\n"
+
+    def connected(self, conn: Upstream) -> None:
+        self.peer_id = conn.peer_id
+        if self.try_span is not None and conn.peer_id:
+            self.try_span.set(ATTR_PEER_SPIFFE_ID, conn.peer_id)
+
+    def attempt_end(self, status: int, error: str = "") -> None:
+        if self.try_span is not None:
+            self.try_span.end(status=status, error=error)
+            self.try_span = None
+
+    def retried(self, attempt: int, reason: str) -> None:
+        self.retries = attempt
+        if self.span is not None:
+            self.span.event("retry", {ATTR_ATTEMPT: attempt, "reason": reason})
+
+    def finish(self) -> None:
+        gw = self.gw
+        self.attempt_end(0, "request ended before the upstream answered")  # cancelled mid-try
+        span = self.span
+        if span is not None:
+            span.end(status=self.status, error=self.error if self.status >= 500 else "",
+                     attrs={ATTR_RETRY_COUNT: self.retries, ATTR_PEER_SPIFFE_ID: self.peer_id or None,
+                            ATTR_INSTANCE: self.instance or None})
+        if gw.access_log is not None:
+            ctx = span.context if span is not None else self.ctx
+            url = self.req.url.decode("latin-1")
+            gw.access_log.record(self.wall, {
+                "trace_id": ctx.trace_id or None if ctx is not None else None,
+                "span_id": span.span_id if span is not None else None,
+                "proxy": "gateway", "source": gw.cfg.service, "destination": self.service or None,
+                "route": self.route or None, "split_target": self.split or None,
+                "upstream_address": self.address or None, "method": self.req.method,
+                "path": url.partition("?")[0], "status": self.status,
+                "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+                "bytes_received": len(self.req.body), "bytes_sent": self.bytes_sent, "retries": self.retries,
+                "intention": None,  # the gateway enforces none; the destination's sidecar does
+                "downstream_address": self.down.peer, "peer_spiffe_id": self.peer_id or None})
+
+
+def _route_label(route: Any) -> str:
+    """A short, stable name for a route: what it matches on (routes have no names in Consul)."""
+    if route.default:
+        return "default"
+    m = route.match
+    if m.path_exact:
+        return f"exact:{m.path_exact}"
+    if m.path_prefix:
+        return f"prefix:{m.path_prefix}"
+    if m.path_regex is not None:
+        return f"regex:{m.path_regex.pattern}"
+    if m.headers:
+        return "header:" + ",".join(h.name for h in m.headers)
+    if m.query:
+        return "query:" + ",".join(q.name for q in m.query)
+    if m.methods:
+        return "methods:" + ",".join(sorted(m.methods))
+    return "match"
 
 
 def _expire(fut: asyncio.Future[None]) -> None:
@@ -962,6 +1174,8 @@ class _Metrics:
 
     def __init__(self) -> None:
         self.retries = 0
+        self.tracer: Tracer | None = None
+        self.access_log: AccessLog | None = None
         try:
             from prometheus_client import CollectorRegistry, Counter, Histogram
         except ImportError:  # pragma: no cover - prometheus-client is a dependency
@@ -990,7 +1204,15 @@ class _Metrics:
             return b""
         from prometheus_client import generate_latest
 
-        return generate_latest(self.registry) + f"lictor_gateway_retries_total {retries}\n".encode()
+        extra = [f"lictor_gateway_retries_total {retries}"]
+        exporter = self.tracer.exporter if self.tracer is not None else None
+        if isinstance(exporter, OtlpExporter):
+            extra += [f"lictor_gateway_spans_exported_total {exporter.sent}",
+                      f"lictor_gateway_spans_dropped_total {exporter.dropped + exporter.failed}"]
+        if self.access_log is not None:
+            extra += [f"lictor_gateway_access_log_lines_total {self.access_log.sent}",
+                      f"lictor_gateway_access_log_dropped_total {self.access_log.dropped + self.access_log.failed}"]
+        return generate_latest(self.registry) + ("\n".join(extra) + "\n").encode()
 
 
 class _Admin(asyncio.Protocol):
