@@ -20,7 +20,25 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 def http_addr(flag_value: str | None) -> str:
     addr = flag_value or os.environ.get("LICTOR_HTTP_ADDR") or os.environ.get("CONSUL_HTTP_ADDR") or "127.0.0.1:8500"
-    return addr if addr.startswith(("http://", "https://")) else f"http://{addr}"
+    scheme = "https" if _env_true("HTTP_SSL") else "http"
+    return addr if addr.startswith(("http://", "https://")) else f"{scheme}://{addr}"
+
+
+def _env(name: str) -> str:
+    return os.environ.get(f"LICTOR_{name}") or os.environ.get(f"CONSUL_{name}") or ""
+
+
+def _env_true(name: str) -> bool:
+    return _env(name).lower() in ("1", "true", "yes")
+
+
+def tls_kwargs() -> dict[str, Any]:
+    """httpx TLS options from Consul's variables: CONSUL_CACERT, CONSUL_CLIENT_CERT/KEY, CONSUL_HTTP_SSL_VERIFY."""
+    verify: str | bool = _env("CACERT") or True
+    if _env("HTTP_SSL_VERIFY").lower() in ("0", "false", "no"):
+        verify = False
+    cert, key = _env("CLIENT_CERT"), _env("CLIENT_KEY")
+    return {"verify": verify, "cert": (cert, key) if cert and key else None}
 
 
 class CLIError(Exception):
@@ -42,7 +60,8 @@ def _request(args: argparse.Namespace, method: str, path: str, **kwargs: Any) ->
     base = http_addr(args.http_addr)
     headers = {"X-Consul-Token": args.token} if getattr(args, "token", None) else {}
     try:
-        resp = httpx.request(method, base + path, headers=headers, timeout=30.0, **kwargs)
+        with httpx.Client(timeout=30.0, **tls_kwargs()) as client:
+            resp = client.request(method, base + path, headers=headers, **kwargs)
     except httpx.ConnectError:
         raise CLIError(
             f"cannot reach an agent at {base}: is `lictor agent` running? "
@@ -160,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         from lictor import cli_extra  # noqa: F401 - more commands register themselves
     except ImportError:
         pass
+    from lictor import monitor  # noqa: F401 - registers `monitor` and `debug`
     if not argv or argv[0] in ("-h", "--help", "help"):
         print("usage: lictor <command> [args]\n\ncommands:\n  " + "\n  ".join(sorted(COMMANDS)))
         return EXIT_OK if argv else EXIT_USAGE
