@@ -33,7 +33,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, CpuMeter, RawConn, exit_on_sigterm, free_ports_safe, install_uvloop, pct, print_machine  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    CpuMeter,
+    RawConn,
+    exit_on_sigterm,
+    free_ports_safe,
+    install_uvloop,
+    pct,
+    print_machine,
+)
 from procs import Cluster, cluster_key, wait_until  # noqa: E402
 
 TARGETS = {"ratio64": 0.60, "p99_8_ms": 15.0, "failover_s": 3.0, "watch_max_ms": 250.0}
@@ -85,7 +94,7 @@ def run_baseline(root: Path, concurrencies: list[int], secs: float) -> dict[int,
 
         def leader() -> RawNode | None:
             st = [n.ask("status") for n in nodes]
-            leaders = [n for n, s in zip(nodes, st) if s["leader"] and s["has_quorum"]]
+            leaders = [n for n, s in zip(nodes, st, strict=True) if s["leader"] and s["has_quorum"]]
             return leaders[0] if len(leaders) == 1 and all(s["leader_addr"] == leaders[0].addr for s in st) else None
 
         lead = wait_until(leader, 30, 0.1, "raw pysyncobj leader")
@@ -305,7 +314,7 @@ async def failover_trial(cluster: Cluster, trial: int) -> dict:
     os.kill(leader.proc.pid, signal.SIGKILL)
     try:
         await asyncio.wait_for(done.wait(), 15)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     await asyncio.wait([poll], timeout=5)
     await spawn

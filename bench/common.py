@@ -132,7 +132,7 @@ class RawConn:
             await self.connect()
         try:
             return await asyncio.wait_for(self._request(method, path, body), timeout)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, HTTPError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, HTTPError):
             self.close()
             raise
 

@@ -80,7 +80,8 @@ def main() -> None:
             stop_at = time.monotonic() + secs
             term0 = node.getStatus()["raft_term"]
 
-            def work(w: int) -> None:
+            def work(w: int, stop_at: float = stop_at, writers: int = writers,
+                     lat: list[list[float]] = lat, errors: list[int] = errors) -> None:
                 i = 0
                 while time.monotonic() < stop_at and i < 1_000_000:
                     t0 = time.perf_counter()
