@@ -68,7 +68,7 @@ EJECTION_TIME = 10.0  # an instance that refused a connection is skipped this lo
 HEALTH_WAIT = 2.0  # how long a new chain waits for the first health answer of a new service
 MAX_PIPELINED = 16
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-                         "upgrade", "content-length"})
+                         "upgrade", "content-length", "expect"})
 _RESPONSE_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "trailer",
                            "upgrade"})
 _REASONS = {400: "Bad Request", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
@@ -358,6 +358,12 @@ class HTTPOutbound(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        # The body is buffered here (a retry needs it): a client waiting for 100 Continue gets it now.
+        if self.transport is not None and any(k.lower() == b"expect" and v.lower() == b"100-continue"
+                                              for k, v in self.headers):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
