@@ -43,6 +43,7 @@ from lictor.cli import (
     cmd_operator,
     http_addr,
     register_command,
+    tls_kwargs,
 )
 
 EXIT_NEGATIVE = 2  # a well-formed question whose answer is "no" / "not found"
@@ -90,7 +91,10 @@ def _check(args: argparse.Namespace, method: str, path: str, resp: httpx.Respons
     raise CLIError(f"{method} {path} failed: {status} {text}; see the agent's log for details")
 
 
-def _unreachable(base: str) -> CLIError:
+def _unreachable(base: str, exc: BaseException | None = None) -> CLIError:
+    if exc is not None and ("CERTIFICATE" in str(exc).upper() or "SSL" in str(exc).upper()):
+        return CLIError(f"TLS with the agent at {base} failed ({exc}): set LICTOR_CACERT or CONSUL_CACERT to the CA "
+                        "that signed its certificate (and CONSUL_CLIENT_CERT/KEY if it verifies clients)")
     return CLIError(f"cannot reach an agent at {base}: is `lictor agent` running? "
                     "Set -http-addr or LICTOR_HTTP_ADDR to point at one.")
 
@@ -100,10 +104,11 @@ def _api(args: argparse.Namespace, method: str, path: str, *, params: Any = None
     base = http_addr(args.http_addr)
     headers = _headers(args) | (extra_headers or {})
     try:
-        resp = httpx.request(method, base + path, params=params, content=content, json=json_body,
-                             headers=headers, timeout=timeout)
-    except httpx.ConnectError:
-        raise _unreachable(base) from None
+        with httpx.Client(timeout=timeout, **tls_kwargs()) as client:
+            resp = client.request(method, base + path, params=params, content=content, json=json_body,
+                                  headers=headers)
+    except httpx.ConnectError as exc:
+        raise _unreachable(base, exc) from None
     except httpx.TimeoutException:
         raise CLIError(f"the agent at {base} did not answer {method} {path} within {timeout:.0f}s: "
                        "check its log, or retry") from None
@@ -910,7 +915,7 @@ def snapshot_save(argv: list[str]) -> int:
     except OSError as exc:
         raise CLIError(f"cannot write {partial}: {exc.strerror or exc}: check the path and permissions") from None
     try:
-        with httpx.Client(timeout=httpx.Timeout(30.0, read=600.0)) as client:
+        with httpx.Client(timeout=httpx.Timeout(30.0, read=600.0), **tls_kwargs()) as client:
             request = client.build_request("GET", base + path, headers=_headers(args),
                                            params={"stale": ""} if args.stale else None)
             resp = client.send(request, stream=True)
@@ -932,9 +937,9 @@ def snapshot_save(argv: list[str]) -> int:
                 progress.finish()
             finally:
                 resp.close()
-    except httpx.ConnectError:
+    except httpx.ConnectError as exc:
         partial.unlink(missing_ok=True)
-        raise _unreachable(base) from None
+        raise _unreachable(base, exc) from None
     except httpx.HTTPError as exc:
         partial.unlink(missing_ok=True)
         raise CLIError(f"saving the snapshot failed midway: {exc}; retry") from None
@@ -978,11 +983,12 @@ def snapshot_restore(argv: list[str]) -> int:
 
     path = "/v1/snapshot"
     try:
-        resp = httpx.put(base + path, content=chunks(), timeout=httpx.Timeout(30.0, read=600.0),
-                         headers=_headers(args) | {"Content-Length": str(len(data)),
-                                                   "Content-Type": "application/octet-stream"})
-    except httpx.ConnectError:
-        raise _unreachable(base) from None
+        with httpx.Client(timeout=httpx.Timeout(30.0, read=600.0), **tls_kwargs()) as client:
+            resp = client.put(base + path, content=chunks(),
+                              headers=_headers(args) | {"Content-Length": str(len(data)),
+                                                        "Content-Type": "application/octet-stream"})
+    except httpx.ConnectError as exc:
+        raise _unreachable(base, exc) from None
     except httpx.HTTPError as exc:
         raise CLIError(f"restoring the snapshot failed: {exc}; the servers may be mid-restore: "
                        "check their logs before retrying") from None
