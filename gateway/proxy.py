@@ -1013,7 +1013,7 @@ class _Obs:
                                 ATTR_ROUTE: self.route, ATTR_SPLIT_TARGET: self.split, ATTR_TARGET: target.id,
                                 ATTR_INSTANCE: inst.id, "server.address": self.address, ATTR_ATTEMPT: attempt})
         self.try_span = child
-        return "".join(f"{k}: {v}\r\n" for k, v in child.context.headers()).encode("latin-1") + b"\r\n"
+        return child.header_bytes() + b"\r\n"
 
     def connected(self, conn: Upstream) -> None:
         self.peer_id = conn.peer_id

@@ -23,15 +23,25 @@ from lictor.tracing import BatchWorker
 
 __all__ = ["FIELDS", "AccessLog", "format_timestamp"]
 
+_encoder = json.JSONEncoder(separators=(",", ":"), default=str)
+
 # The keys the gateway and the sidecars write (absent or null when a hop does not know one).
 FIELDS = ("trace_id", "span_id", "proxy", "source", "destination", "route", "split_target", "upstream_address",
           "method", "path", "status", "duration_ms", "bytes_received", "bytes_sent", "retries", "intention",
           "downstream_address", "peer_spiffe_id")
 
 
+_last_second: tuple[int, str] = (-1, "")
+
+
 def format_timestamp(ts: float) -> str:
+    global _last_second
     secs = int(ts)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{int((ts - secs) * 1000):03d}Z"
+    last, text = _last_second
+    if secs != last:  # strftime once per second, not per line
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        _last_second = (secs, text)
+    return f"{text}.{int((ts - secs) * 1000):03d}Z"
 
 
 class AccessLog(BatchWorker):
@@ -55,9 +65,10 @@ class AccessLog(BatchWorker):
         return self._out
 
     def handle(self, items: list[tuple[float, dict[str, Any]]]) -> None:
-        dumps = json.dumps
-        lines = [dumps({"timestamp": format_timestamp(ts), **fields}, separators=(",", ":"), default=str)
-                 for ts, fields in items]
+        encode = _encoder.encode
+        # `{"timestamp":...,` spliced onto the encoded record: no per-line dict copy
+        lines = [f'{{"timestamp":"{format_timestamp(ts)}",{encode(fields)[1:]}' if fields
+                 else f'{{"timestamp":"{format_timestamp(ts)}"}}' for ts, fields in items]
         out = self._file()
         out.write("\n".join(lines) + "\n")
         out.flush()

@@ -278,6 +278,13 @@ class Span:
     def traceparent(self) -> str:
         return format_traceparent(self.trace_id, self.span_id, self.sampled)
 
+    def header_bytes(self) -> bytes:
+        """This span's context as HTTP/1.1 header lines (the hot path of a proxy's outbound request)."""
+        line = f"traceparent: 00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}\r\n"
+        if self.tracestate or self.b3:
+            line += "".join(f"{k}: {v}\r\n" for k, v in self.context.headers()[1:])
+        return line.encode("latin-1")
+
     def child(self, name: str, kind: int = CLIENT, attrs: dict[str, Any] | None = None) -> Span:
         return Span(self.tracer, name, kind, self.trace_id, new_span_id(), self.span_id, self.sampled,
                     self.tracestate, self.b3, attrs)
@@ -347,6 +354,8 @@ class Tracer:
 # ----------------------------------------------------------------------------------- encoding
 
 def _any_value(v: Any) -> str:
+    if type(v) is str:  # the common case first
+        return f'{{"stringValue":{_q(v)}}}'
     if isinstance(v, bool):
         return '{"boolValue":true}' if v else '{"boolValue":false}'
     if isinstance(v, int):
@@ -356,8 +365,20 @@ def _any_value(v: Any) -> str:
     return f'{{"stringValue":{_q(v if isinstance(v, str) else str(v))}}}'
 
 
+_KEYS: dict[str, str] = {}  # attribute name -> its encoded prefix (the set of names is small and fixed)
+
+
+def _key(k: str) -> str:
+    prefix = _KEYS.get(k)
+    if prefix is None:
+        prefix = f'{{"key":{_q(k)},"value":'
+        if len(_KEYS) < 4096:  # bounded: callers may use dynamic names
+            _KEYS[k] = prefix
+    return prefix
+
+
 def _attributes(attrs: Mapping[str, Any]) -> str:
-    return ",".join(f'{{"key":{_q(k)},"value":{_any_value(v)}}}' for k, v in attrs.items() if v is not None)
+    return ",".join(f"{_key(k)}{_any_value(v)}}}" for k, v in attrs.items() if v is not None)
 
 
 def _span_json(s: Span) -> str:

@@ -1,0 +1,204 @@
+"""Gateway throughput with tracing + access log on vs off, same run, same upstream (issue #7).
+
+Topology (everything on 127.0.0.1):
+
+    wrk -c50 ──► gateway "gw-off"  (no tracing, no access log)                     ══mTLS══╗
+    wrk -c50 ──► gateway "gw-on"   (-otlp-endpoint, ratio 1.0, -access-log FILE)    ══mTLS══╬══► nginx upstream
+    wrk -c50 ──► gateway "gw-tenth"(-otlp-endpoint, ratio 0.1, -access-log FILE)    ══mTLS══╝    (mTLS, "hello")
+                 gw-on / gw-tenth ──► OTLP sink (nginx answering 200 to POST /v1/traces)
+
+All three gateways run for the whole benchmark; wrk loads one at a time, round-robin over the runs,
+so box noise hits each variant alike. Prometheus metrics are always on in the gateway (not
+switchable), so "off" means no spans and no access log. Reports, per variant, median req/s and the
+gateway process's CPU time per request (utime+stime from /proc over each wrk run, exporter and
+access-log threads included). On a shared, busy 2-vCPU box req/s swings with other tenants' load;
+CPU per request does not, and for a single-threaded, CPU-bound proxy throughput is its inverse, so
+the cost is judged on CPU/request (req/s is printed alongside). The issue's goal is <= 10 %.
+
+    python bench/tracing_bench.py [--runs 3] [--duration 10] [--connections 50]
+
+Installs wrk and nginx with apt-get when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gateway_bench import ensure_tools, nginx_bin, start_nginx, wait_port, write, wrk  # noqa: E402
+from procs import AgentProc, free_ports, wait_until  # noqa: E402
+
+HOST = "web.ingress.consul"
+VARIANTS = {  # name -> extra gateway flags ({sink} and {root} are filled in)
+    "off": [],
+    "on (ratio 1.0 + access log)": ["-otlp-endpoint", "http://127.0.0.1:{sink}", "-trace-sample-ratio", "1.0",
+                                    "-access-log", "{root}/access-on.jsonl"],
+    "on (ratio 0.1 + access log)": ["-otlp-endpoint", "http://127.0.0.1:{sink}", "-trace-sample-ratio", "0.1",
+                                    "-access-log", "{root}/access-tenth.jsonl"],
+}
+
+
+def start_sink(root: Path, port: int) -> subprocess.Popen:
+    """An OTLP/HTTP receiver that costs next to nothing: nginx reads the body and answers 200 {}."""
+    user = "user root;" if os.geteuid() == 0 else ""
+    (root / "tmp-sink").mkdir(exist_ok=True)
+    conf = write(root / "sink.conf", f"""{user}
+worker_processes 1;
+daemon off;
+pid {root}/sink.pid;
+error_log {root}/sink.err warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/tmp-sink;
+  client_max_body_size 64m;
+  client_body_buffer_size 4m;
+  server {{
+    listen 127.0.0.1:{port};
+    location /v1/traces {{ default_type application/json; return 200 "{{}}"; }}
+  }}
+}}
+""")
+    proc = subprocess.Popen([nginx_bin(), "-p", str(root), "-e", str(root / "sink.err"), "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_port(port, proc, "otlp sink")
+    return proc
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^(lictor_gateway_(?:spans|access_log)_\w+) ([\d.e+]+)$", text, re.M)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=50)
+    args = ap.parse_args()
+    ensure_tools()
+    root = Path(tempfile.mkdtemp(prefix="lictor-trace-bench-"))
+    os.chmod(root, 0o700)
+    agent_port, up_port, sink_port = free_ports(3)
+    agent = AgentProc("dev", agent_port, ["-dev", "-node", "dev", "-http-port", str(agent_port), "-dns-port", "-1"],
+                      root / "agent.log")
+    procs: list[subprocess.Popen] = []
+    try:
+        agent.start()
+        agent.wait_ready()
+        roots = agent.get("/v1/agent/connect/ca/roots").json()
+        web = agent.get("/v1/agent/connect/ca/leaf/web").json()
+        write(root / "roots.pem", "\n".join(r["RootCert"] for r in roots["Roots"]))
+        write(root / "web.pem", web["CertPEM"])
+        write(root / "web.key", web["PrivateKeyPEM"])
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(web["CertPEM"].encode())
+        dns_san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+            .get_values_for_type(x509.DNSName)[0]
+        procs.append(start_nginx("upstream", root, up_port, 0, dns_san))
+        procs.append(start_sink(root, sink_port))
+        assert agent.put("/v1/config", json={"Kind": "service-defaults", "Name": "web", "Protocol": "http"}).json()
+        assert agent.put("/v1/agent/service/register", json={
+            "ID": "web-1", "Name": "web", "Port": up_port, "Address": "127.0.0.1",
+            "Connect": {"Native": True}}).status_code == 200
+
+        gateways: dict[str, tuple[int, int]] = {}  # variant -> (port, metrics port)
+        pids: dict[str, int] = {}
+        for i, (variant, extra) in enumerate(VARIANTS.items()):
+            name = f"gw-{i}"
+            port, metrics_port = free_ports(2)
+            assert agent.put("/v1/config", json={"Kind": "ingress-gateway", "Name": name, "Listeners": [
+                {"Port": port, "Protocol": "http", "Services": [{"Name": "web"}]}]}).json() is True
+            assert agent.put("/v1/agent/service/register", json={
+                "ID": name, "Name": name, "Kind": "ingress-gateway", "Port": port}).status_code == 200
+            flags = [f.format(sink=sink_port, root=root) for f in extra]
+            log = open(root / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "lictor.gateway", "-service", name, "-http-addr", agent.http_addr,
+                 "-metrics-port", str(metrics_port), "-log-level", "warning", *flags],
+                stdout=log, stderr=subprocess.STDOUT))
+            gateways[variant] = (port, metrics_port)
+            pids[variant] = procs[-1].pid
+        for variant, (port, _) in gateways.items():
+            wait_until(lambda p=port: httpx.get(f"http://127.0.0.1:{p}/", headers={"host": HOST}, timeout=2)
+                       .status_code == 200, 30, 0.2, f"gateway {variant}")
+            wrk(f"http://127.0.0.1:{port}/", args.connections, 1, HOST)  # warm-up: pools, TLS sessions
+
+        results: dict[str, list[dict[str, float]]] = {k: [] for k in gateways}
+        for run in range(args.runs):
+            for variant, (port, _) in gateways.items():
+                cpu0 = cpu_seconds(pids[variant])
+                r = wrk(f"http://127.0.0.1:{port}/", args.connections, args.duration, HOST)
+                time.sleep(0.3)  # the last in-flight batch is encoded on the gateway's clock too
+                r["cpu_us"] = (cpu_seconds(pids[variant]) - cpu0) / (r["rps"] * args.duration) * 1e6
+                results[variant].append(r)
+                print(f"# run {run + 1} {variant}: {r['rps']:.0f} req/s, {r['cpu_us']:.0f} us CPU/req, "
+                      f"p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms non2xx {r['non2xx']:.0f} {r['sockerr']}",
+                      flush=True)
+        time.sleep(1.5)  # let the exporters' last batches go out before reading their counters
+
+        print(f"\n## gateway tracing on vs off, wrk -t2 -c{args.connections} -d{args.duration}s, "
+              f"median of {args.runs}, round-robin (nproc={os.cpu_count()})\n")
+        print("| variant | CPU us/req (median) | cost vs off (CPU/req) | req/s (median) | req/s runs | "
+              "req/s vs off | p50 ms | p99 ms | spans exported / dropped | log lines / dropped |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        base = statistics.median(r["rps"] for r in results["off"])
+        base_cpu = statistics.median(r["cpu_us"] for r in results["off"])
+        worst = 0.0
+        for variant, runs in results.items():
+            rps = statistics.median(r["rps"] for r in runs)
+            med = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+            m = scrape(gateways[variant][1])
+            spans = (f"{m.get('lictor_gateway_spans_exported_total', 0):,.0f} / "
+                     f"{m.get('lictor_gateway_spans_dropped_total', 0):,.0f}") if m else "-"
+            lines = (f"{m.get('lictor_gateway_access_log_lines_total', 0):,.0f} / "
+                     f"{m.get('lictor_gateway_access_log_dropped_total', 0):,.0f}") if m else "-"
+            cpu = statistics.median(r["cpu_us"] for r in runs)
+            cost = cpu / base_cpu - 1
+            if variant != "off":
+                worst = max(worst, cost)
+            all_runs = " / ".join(f"{r['rps']:,.0f}" for r in runs)
+            print(f"| {variant} | {cpu:,.0f} | {cost:+.1%} | {rps:,.0f} | {all_runs} | {rps / base - 1:+.1%} | "
+                  f"{med['p50']:.2f} | {med['p99']:.2f} | {spans} | {lines} |")
+        print(f"\ngoal: tracing + access log cost <= 10 % (CPU per request) -> worst {worst:+.1%} "
+              f"({'met' if worst <= 0.10 else 'MISSED'})")
+        return 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        agent.kill()
+        if os.environ.get("KEEP_BENCH_DIR") is None:
+            shutil.rmtree(root, ignore_errors=True)
+        time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
