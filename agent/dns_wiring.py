@@ -42,6 +42,7 @@ class CatalogFollower:
         self.view = CatalogView.empty(config.datacenter)
         self.index = 0
         self.updated = 0.0  # monotonic time of the last successful refresh
+        self.waiting = False  # a blocking query is parked on a server right now
         self._task: asyncio.Task[None] | None = None
 
     def build(self, snapshot: dict[str, Any]) -> None:
@@ -51,7 +52,13 @@ class CatalogFollower:
         )
         self.updated = time.monotonic()
 
-    def get(self) -> CatalogView:
+    def get(self) -> CatalogView | None:
+        """The view to answer from; None (SERVFAIL) before the first one or past `max_stale`."""
+        if self.updated == 0.0:
+            return None
+        # While a blocking query is parked on a server, the view is current by definition.
+        if not self.waiting and time.monotonic() - self.updated > self.config.dns_max_stale:
+            return None
         return self.view
 
     async def follow_store(self, log_: Any) -> None:
@@ -63,6 +70,7 @@ class CatalogFollower:
             if index != self.index:
                 self.index = index
                 self.build(snapshot)
+            self.updated = time.monotonic()
             await feed.wait(generation, 30.0)
             await asyncio.sleep(REBUILD_MIN_PERIOD)
 
@@ -71,12 +79,17 @@ class CatalogFollower:
         backoff = 0.2
         while True:
             try:
-                resp = await pool.request(
-                    "GET", f"/v1/internal/snapshot?stale&index={self.index}&wait=30s", timeout=45.0
-                )
+                self.waiting = self.updated > 0.0
+                try:
+                    resp = await pool.request(
+                        "GET", f"/v1/internal/snapshot?stale&index={self.index}&wait=30s", timeout=45.0
+                    )
+                finally:
+                    self.waiting = False
                 if resp.status_code != 200:
                     raise APIError(f"snapshot answered {resp.status_code}", resp.status_code)
                 index = int(resp.headers.get("X-Consul-Index", "0"))
+                self.updated = time.monotonic()  # the servers answered: our view is current
                 if index < self.index:
                     self.index = 0  # the servers' index went backwards (restore): start over
                 elif index != self.index:

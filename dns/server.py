@@ -194,7 +194,7 @@ class DnsServer:
 
     def __init__(
         self,
-        view_getter: Callable[[], CatalogView],
+        view_getter: Callable[[], CatalogView | None],
         config: DnsConfig,
         host: str = "127.0.0.1",
         port: int = 8600,
@@ -289,6 +289,8 @@ class DnsServer:
         """Answer one wire query (sync; FORWARD means ask the recursors)."""
         self.stats["queries"] += 1
         view = self._view_getter()
+        if view is None:  # no catalog view, or one older than the staleness bound: say so
+            return _servfail(data)
         if view is not self._view:
             self._cache.clear()
             self._view = view

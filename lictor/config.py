@@ -40,6 +40,7 @@ class AgentConfig:
     service_ttl: dict[str, float] = field(default_factory=dict)
     only_passing: bool = False
     a_record_limit: int = 0
+    dns_max_stale: float = 72 * 3600.0  # past this without reaching a server, DNS answers SERVFAIL
     raft_snapshot_threshold: int = 5000
     raft_min_timeout: float = 0.8
     raft_max_timeout: float = 2.0
@@ -70,6 +71,14 @@ class AgentConfig:
     http_max_blocking_per_client: int = 0
     max_services: int = 0  # services per agent
     max_checks: int = 0  # checks per agent
+    # TLS for the HTTP API (issue #9); -1 disables the HTTPS listener (Consul's default)
+    https_port: int = -1
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""  # verifies client certs (-verify-incoming) and the servers a client agent calls
+    verify_incoming: bool = False
+    client_cert: str = ""  # presented to https:// servers; defaults to cert_file
+    client_key: str = ""
 
     @property
     def http_addr(self) -> str:
@@ -103,6 +112,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "alt-domain": ("alt_domain", "str"),
     "recursor": ("recursors", "list"),
     "raft-snapshot-threshold": ("raft_snapshot_threshold", "int"),
+    "dns-max-stale": ("dns_max_stale", "duration"),
     "heartbeat-interval": ("heartbeat_interval", "duration"),
     "liveness-timeout": ("liveness_timeout", "duration"),
     "reconnect-timeout": ("reconnect_timeout", "duration"),
@@ -126,6 +136,13 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "http-max-blocking-per-client": ("http_max_blocking_per_client", "int"),
     "max-services": ("max_services", "int"),
     "max-checks": ("max_checks", "int"),
+    "https-port": ("https_port", "int"),
+    "cert-file": ("cert_file", "str"),
+    "key-file": ("key_file", "str"),
+    "ca-file": ("ca_file", "str"),
+    "verify-incoming": ("verify_incoming", "bool"),
+    "client-cert": ("client_cert", "str"),
+    "client-key": ("client_key", "str"),
 }
 
 # JSON config keys (Consul's names) that differ from our field names
@@ -183,7 +200,7 @@ def apply_file(config: AgentConfig, path: str) -> None:
     kinds = {dest: kind for dest, kind in _FLAGS.values()}
     for key, value in data.items():
         if key == "ports" and isinstance(value, dict):
-            for port_name, dest in (("http", "http_port"), ("dns", "dns_port"), ("server", "raft_port"), ("raft", "raft_port")):
+            for port_name, dest in (("http", "http_port"), ("https", "https_port"), ("dns", "dns_port"), ("server", "raft_port"), ("raft", "raft_port")):
                 if port_name in value:
                     setattr(config, dest, _coerce(f"ports.{port_name}", "int", value[port_name]))
             continue
@@ -191,6 +208,8 @@ def apply_file(config: AgentConfig, path: str) -> None:
             for sub, sub_value in value.items():
                 if sub in ("only_passing",):
                     config.only_passing = _coerce(sub, "bool", sub_value)
+                elif sub == "max_stale":
+                    config.dns_max_stale = _coerce(sub, "duration", sub_value)
                 elif sub == "a_record_limit":
                     config.a_record_limit = _coerce(sub, "int", sub_value)
                 elif sub == "node_ttl":
@@ -257,6 +276,12 @@ def finalize(config: AgentConfig) -> AgentConfig:
         raise ConfigError("-acl-default-policy must be allow or deny")
     if config.default_intention_policy not in ("allow", "deny"):
         raise ConfigError("-default-intention-policy must be allow or deny")
+    if config.https_port > 0 and not (config.cert_file and config.key_file):
+        raise ConfigError("-https-port needs -cert-file and -key-file")
+    if config.verify_incoming and not config.ca_file:
+        raise ConfigError("-verify-incoming needs -ca-file (the CA that signs client certificates)")
+    if config.http_port <= 0 and config.https_port <= 0:
+        raise ConfigError("both -http-port and -https-port are disabled: the agent would have no API")
     if not config.domain.endswith("."):
         config.domain += "."
     return config

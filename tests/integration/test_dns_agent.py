@@ -85,3 +85,28 @@ def test_dns_forms_health_truncation_and_nxdomain(pair: tuple[AgentProc, AgentPr
     assert node.strip() == "127.0.0.1"
     # Outside the domain with no recursors configured: REFUSED.
     assert "REFUSED" in dig(port, "example.com")
+
+
+def test_dns_answers_servfail_past_max_stale(tmp_path: Path) -> None:
+    http_s, raft_s, http_c, dns_c = free_ports(4)
+    server = AgentProc("server", http_s, [
+        "-server", "-bootstrap-expect", "1", "-node", "srv", "-data-dir", str(tmp_path / "srv"),
+        "-http-port", str(http_s), "-raft-port", str(raft_s), "-encrypt", cluster_key(), "-dns-port", "-1"],
+        tmp_path / "server.log", raft_port=raft_s)
+    agent = AgentProc("agent", http_c, [
+        "-node", "host-1", "-data-dir", str(tmp_path / "agent"), "-http-port", str(http_c), "-dns-port", str(dns_c),
+        "-retry-join", server.http_addr, "-dns-max-stale", "2s"], tmp_path / "agent.log", dns_port=dns_c)
+    server.start()
+    agent.start()
+    try:
+        server.wait_ready()
+        agent.wait_ready()
+        register(agent, "web-0", "web", 80, [], "10.0.0.9")
+        wait_until(lambda: "10.0.0.9" in dig(dns_c, "web.service.consul", "+short"), 10, what="answer")
+        time.sleep(3)  # longer than max_stale while the servers are reachable: still answering
+        assert "10.0.0.9" in dig(dns_c, "web.service.consul", "+short")
+        server.kill()
+        wait_until(lambda: "SERVFAIL" in dig(dns_c, "web.service.consul"), 15, 0.2, "SERVFAIL once stale")
+    finally:
+        agent.kill()
+        server.kill()
