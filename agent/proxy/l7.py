@@ -443,7 +443,11 @@ class L7Router:
         dest = up.spec.destination
         table = up.route  # read once: this request finishes on this chain whatever changes meanwhile
         if table is None:
-            return self._reply(down, req, dest, 503, f"upstream {dest!r}: no http discovery chain")
+            # The destination is no longer http: close, so the app's next connection is relayed at L4.
+            if down.transport is not None and not down.transport.is_closing():
+                down.transport.write(_error_response(503, f"upstream {dest!r}: no http discovery chain", False))
+            self.stats.inc("upstream_rq", upstream=dest, code="503")
+            return False
         hdrs: dict[str, str] = {}
         for k, v in req.headers:
             name = k.decode("latin-1").lower()
