@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -91,10 +92,25 @@ class InProcessBackend(ServerBackend):
 class ServerPool:
     """The servers a client agent knows (its -retry-join list); sticks to one until it fails."""
 
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, addresses: list[str], *, scheme: str = "http", verify: ssl.SSLContext | bool = True) -> None:
         self.addresses = list(dict.fromkeys(addresses))
         self.current = 0
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0), limits=httpx.Limits(max_connections=512))
+        self.scheme = scheme  # for addresses given without one; `https://host:port` in -retry-join also works
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0), limits=httpx.Limits(max_connections=512),
+                                        verify=verify)
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> ServerPool:
+        """TLS towards the servers: LICTOR_HTTP_SSL/CONSUL_HTTP_SSL or https:// addresses, -ca-file, -client-cert/-key."""
+        ssl_env = (os.environ.get("LICTOR_HTTP_SSL") or os.environ.get("CONSUL_HTTP_SSL") or "").lower()
+        context = ssl.create_default_context(cafile=config.ca_file or None)
+        cert_file, key_file = config.client_cert or config.cert_file, config.client_key or config.key_file
+        if cert_file and key_file:
+            context.load_cert_chain(cert_file, key_file)
+        return cls(config.retry_join, scheme="https" if ssl_env in ("1", "true", "yes") else "http", verify=context)
+
+    def url(self, address: str, path: str) -> str:
+        return f"{address}{path}" if "://" in address else f"{self.scheme}://{address}{path}"
 
     def add(self, address: str) -> None:
         if address not in self.addresses:
@@ -107,7 +123,7 @@ class ServerPool:
         for attempt in range(len(self.addresses)):
             address = self.addresses[(self.current + attempt) % len(self.addresses)]
             try:
-                resp = await self.client.request(method, f"http://{address}{path}", timeout=timeout, **kwargs)
+                resp = await self.client.request(method, self.url(address, path), timeout=timeout, **kwargs)
             except httpx.HTTPError as exc:
                 last = exc
                 continue
@@ -843,7 +859,7 @@ class AgentAPI:
             address = f"{address}:8500"
         if self.agent.pool is not None:
             try:
-                resp = await self.agent.pool.client.get(f"http://{address}/v1/status/leader", timeout=3.0)
+                resp = await self.agent.pool.client.get(self.agent.pool.url(address, "/v1/status/leader"), timeout=3.0)
             except httpx.HTTPError as exc:
                 raise APIError(f"cannot join {address}: {exc}", 500) from None
             if resp.status_code != 200:
@@ -939,7 +955,7 @@ async def attach_local_agent(runtime: Any) -> None:
     if runtime.server is not None:
         backend: ServerBackend = InProcessBackend(runtime.server)
     else:
-        pool = ServerPool(config.retry_join)
+        pool = ServerPool.from_config(config)
         backend = RemoteBackend(pool)
     local = LocalAgent(config, backend, pool)
     await local.start()

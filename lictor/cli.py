@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import secrets
+import ssl
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,11 +35,13 @@ def _env_true(name: str) -> bool:
 
 def tls_kwargs() -> dict[str, Any]:
     """httpx TLS options from Consul's variables: CONSUL_CACERT, CONSUL_CLIENT_CERT/KEY, CONSUL_HTTP_SSL_VERIFY."""
-    verify: str | bool = _env("CACERT") or True
     if _env("HTTP_SSL_VERIFY").lower() in ("0", "false", "no"):
-        verify = False
+        return {"verify": False}
+    context = ssl.create_default_context(cafile=_env("CACERT") or None)
     cert, key = _env("CLIENT_CERT"), _env("CLIENT_KEY")
-    return {"verify": verify, "cert": (cert, key) if cert and key else None}
+    if cert and key:
+        context.load_cert_chain(cert, key)
+    return {"verify": context}
 
 
 class CLIError(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from typing import Any
 
@@ -37,6 +38,15 @@ class NotReadyMiddleware:
         await self.app(scope, receive, send)
 
 
+def tls_options(config: AgentConfig) -> dict[str, Any]:
+    """uvicorn.Config options for the HTTPS listener; -verify-incoming requires a client cert signed by -ca-file."""
+    options: dict[str, Any] = {"ssl_certfile": config.cert_file, "ssl_keyfile": config.key_file}
+    if config.ca_file:
+        options["ssl_ca_certs"] = config.ca_file
+    options["ssl_cert_reqs"] = ssl.CERT_REQUIRED if config.verify_incoming else ssl.CERT_NONE
+    return options
+
+
 class Agent:
     """One `lictor agent` process. Servers hold the replicated state; clients forward to them."""
 
@@ -46,7 +56,8 @@ class Agent:
         self.server: Any = None
         self.local: Any = None
         self.extras: list[Any] = []  # DNS server, proxies ...: objects with async stop()
-        self._uvicorn: uvicorn.Server | None = None
+        self._uvicorn: uvicorn.Server | None = None  # the first listener
+        self._uvicorns: list[uvicorn.Server] = []
         self._ready = False
         self.shutdown = asyncio.Event()
 
@@ -77,22 +88,34 @@ class Agent:
 
         # Metrics outermost, so requests refused by limits/ACLs (429, 403) are counted too.
         asgi = metrics.HTTPMetricsMiddleware(limits.wrap(asgi, self))
-        uv_config = uvicorn.Config(
-            asgi, host=config.client, port=config.http_port, log_level="warning", lifespan="off",
-            access_log=False, timeout_keep_alive=30, loop="none", **limits.uvicorn_options(config),
-        )
-        self._uvicorn = uvicorn.Server(uv_config)
-        self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        serve_task = asyncio.create_task(self._uvicorn.serve())
-        for _ in range(100):
-            if self._uvicorn.started or serve_task.done():
-                break
-            await asyncio.sleep(0.05)
-        if serve_task.done():
-            serve_task.result()
-            raise SystemExit(f"HTTP server failed to start on {config.http_addr}")
+        listeners: list[tuple[int, dict[str, Any]]] = []
+        if config.http_port > 0:
+            listeners.append((config.http_port, {}))
+        if config.https_port > 0:
+            listeners.append((config.https_port, tls_options(config)))
+        serve_tasks: list[asyncio.Task[None]] = []
+        for port, extra in listeners:  # the same app on each listener, on this loop
+            uv_config = uvicorn.Config(
+                asgi, host=config.client, port=port, log_level="warning", lifespan="off",
+                access_log=False, timeout_keep_alive=30, loop="none", **limits.uvicorn_options(config), **extra,
+            )
+            server = uvicorn.Server(uv_config)
+            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            self._uvicorns.append(server)
+            serve_tasks.append(asyncio.create_task(server.serve()))
+            for _ in range(100):
+                if server.started or serve_tasks[-1].done():
+                    break
+                await asyncio.sleep(0.05)
+            if serve_tasks[-1].done():
+                serve_tasks[-1].result()
+                raise SystemExit(f"HTTP server failed to start on {config.client}:{port}")
+        self._uvicorn = self._uvicorns[0]
         print(f"==> Lictor agent running: node {config.node!r}, datacenter {config.datacenter!r}", flush=True)
-        print(f"    HTTP API: http://{config.http_addr}", flush=True)
+        if config.http_port > 0:
+            print(f"    HTTP API: http://{config.http_addr}", flush=True)
+        if config.https_port > 0:
+            print(f"    HTTPS API: https://{config.client}:{config.https_port}", flush=True)
         try:
             if self.server is not None:
                 await self.server.start_consensus()
@@ -104,14 +127,16 @@ class Agent:
             self._ready = True
             print("==> Agent ready", flush=True)
             stop_wait = asyncio.create_task(self.shutdown.wait())
-            await asyncio.wait({serve_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({*serve_tasks, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await self.close()
-            self._uvicorn.should_exit = True
-            try:
-                await asyncio.wait_for(serve_task, 5)
-            except (TimeoutError, asyncio.CancelledError, Exception):
-                pass
+            for server in self._uvicorns:
+                server.should_exit = True
+            for task in serve_tasks:
+                try:
+                    await asyncio.wait_for(task, 5)
+                except (TimeoutError, asyncio.CancelledError, Exception):
+                    pass
 
     def _optional_server_routes(self) -> list[Any]:
         """Server-side endpoints that live in their own modules (Connect, config entries)."""
