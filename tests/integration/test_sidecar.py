@@ -291,7 +291,8 @@ def test_openssl_clients(mesh: Mesh, tmp_path: Path) -> None:
     target = f"127.0.0.1:{mesh.ports['api-sidecar']}"
     # No client certificate: TLS 1.3 sends the alert after the client's Finished, so s_client may
     # "connect"; the server must refuse and nothing may be served.
-    res = _openssl(["s_client", "-connect", target, "-tls1_3"], stdin="GET / HTTP/1.0\r\n\r\n")
+    # -ign_eof keeps s_client reading until the server closes, so the alert is always seen.
+    res = _openssl(["s_client", "-connect", target, "-tls1_3", "-ign_eof"], stdin="GET / HTTP/1.0\r\n\r\n")
     assert "api GET" not in res.stdout
     assert "alert" in (res.stdout + res.stderr).lower() or res.returncode != 0
 
@@ -307,7 +308,7 @@ def test_openssl_clients(mesh: Mesh, tmp_path: Path) -> None:
                            "-CAcreateserial", "-days", "1", "-extfile", "ext", "-out", "evil.pem"],
                           cwd=tmp_path, capture_output=True, timeout=20).returncode == 0
     res = _openssl(["s_client", "-connect", target, "-tls1_3", "-cert", str(tmp_path / "evil.pem"),
-                    "-key", str(tmp_path / "evil.key")], stdin="GET / HTTP/1.0\r\n\r\n")
+                    "-key", str(tmp_path / "evil.key"), "-ign_eof"], stdin="GET / HTTP/1.0\r\n\r\n")
     assert "api GET" not in res.stdout
     assert "alert" in (res.stdout + res.stderr).lower() or res.returncode != 0
 
