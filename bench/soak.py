@@ -1,0 +1,487 @@
+"""Soak test (issue #9): 3 servers + 2 client agents under mixed load from many concurrent clients,
+while the Raft leader is killed and restarted midway and one client agent is SIGKILLed.
+
+    .venv/bin/python bench/soak.py                 # 30 s, 200 clients  [--duration 30] [--clients 200]
+                                                   # [--think 0.5] [--restart-signal kill|term] [--json out.json]
+
+Invariants checked afterwards (exit status 1 if the first two fail; the p99 one is reported):
+- no acknowledged write is lost: every KV key whose PUT answered `true` and every service whose
+  registration answered 200 (and was not deregistered since) is on every server;
+- server memory (VmRSS, sampled every second) does not keep growing: for each server that was not
+  restarted, RSS at the end of the load is within 1.5x of its RSS at the 10 s mark;
+- p99 of reads under load is within 2x the unloaded p99 measured at the start of the same run.
+
+The killed client agent is started again after the load (its registrations are in its SQLite
+store), so its acknowledged registrations count too. Load: `--clients` asyncio clients; 10 % of
+them run blocking queries, the others loop over KV writes with unique keys, agent service
+registrations/deregistrations (on client agents) and catalog/health/KV reads, sleeping a random
+0.5x-1.5x `--think` between requests. Every process is started here and killed by pid on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CLK_TCK, RawConn, exit_on_sigterm, install_uvloop, machine, pct  # noqa: E402
+from procs import AgentProc, Cluster, free_ports  # noqa: E402
+
+SERVICE_NAMES = [f"soak-{c}" for c in "abcde"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class State:
+    targets: dict[str, AgentProc]
+    clients: list[str]  # client agent names
+    t0: float = 0.0
+    stop: bool = False
+    acked_kv: set[str] = field(default_factory=set)
+    acked_services: dict[str, str] = field(default_factory=dict)  # service id -> node
+    deregistered: set[str] = field(default_factory=set)  # acked deregistrations
+    ambiguous: set[str] = field(default_factory=set)  # service ids with an unanswered request
+    reads: list[tuple[float, float]] = field(default_factory=list)  # (t, latency s)
+    writes: list[tuple[float, float]] = field(default_factory=list)
+    ok: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    blocking_returns: int = 0
+    events: list[tuple[float, str]] = field(default_factory=list)
+
+    def live(self, names: list[str] | None = None) -> list[str]:
+        return [n for n in (names or list(self.targets)) if self.targets[n].alive()]
+
+    def count(self, table: dict[str, int], key: str) -> None:
+        table[key] = table.get(key, 0) + 1
+
+
+class Client:
+    """One simulated API client: a keep-alive connection per agent it talks to."""
+
+    def __init__(self, state: State, wid: int) -> None:
+        self.state, self.wid, self.n = state, wid, 0
+        self.conns: dict[str, RawConn] = {}
+        self.mine: list[str] = []  # services this client registered (acked) and has not deregistered
+
+    async def call(self, target: str, method: str, path: str, body: bytes = b"", timeout: float = 15.0
+                   ) -> tuple[int, bytes]:
+        conn = self.conns.get(target)
+        if conn is None:
+            conn = self.conns[target] = RawConn("127.0.0.1", self.state.targets[target].http_port)
+        status, _headers, data = await conn.request(method, path, body, timeout=timeout)
+        return status, data
+
+    async def step(self) -> None:
+        r = random.random()
+        self.n += 1
+        if r < 0.30:
+            await self.kv_write()
+        elif r < 0.45:
+            await self.register()
+        elif r < 0.50 and self.mine:
+            await self.deregister()
+        else:
+            await self.read()
+
+    async def kv_write(self) -> None:
+        st = self.state
+        target = random.choice(st.live())
+        key = f"soak/kv/w{self.wid}-{self.n}"
+        start = time.monotonic()
+        try:
+            status, data = await self.call(target, "PUT", f"/v1/kv/{key}", f"v{self.n}".encode())
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, Exception):  # noqa: BLE001
+            st.count(st.errors, "kv_write")
+            return
+        if status == 200 and data.strip() == b"true":
+            st.acked_kv.add(key)
+            st.writes.append((start - st.t0, time.monotonic() - start))
+            st.count(st.ok, "kv_write")
+        else:
+            st.count(st.errors, f"kv_write_{status}")
+
+    async def register(self) -> None:
+        st = self.state
+        live = st.live(st.clients)
+        if not live:
+            return
+        target = random.choice(live)
+        sid = f"soak-w{self.wid}-{self.n}"
+        body = json.dumps({"Name": random.choice(SERVICE_NAMES), "ID": sid, "Port": 1000 + self.n % 60000,
+                           "Tags": [f"w{self.wid}"], "Meta": {"client": str(self.wid)}}).encode()
+        try:
+            status, _ = await self.call(target, "PUT", "/v1/agent/service/register", body)
+        except Exception:  # noqa: BLE001
+            st.ambiguous.add(sid)
+            st.count(st.errors, "register")
+            return
+        if status == 200:
+            st.acked_services[sid] = st.targets[target].name
+            self.mine.append(sid)
+            st.count(st.ok, "register")
+        else:
+            st.count(st.errors, f"register_{status}")
+
+    async def deregister(self) -> None:
+        st = self.state
+        sid = self.mine.pop(random.randrange(len(self.mine)))
+        node = st.acked_services[sid]
+        if not st.targets[node].alive():
+            self.mine.append(sid)
+            return
+        try:
+            status, _ = await self.call(node, "PUT", f"/v1/agent/service/deregister/{sid}")
+        except Exception:  # noqa: BLE001
+            st.ambiguous.add(sid)
+            st.count(st.errors, "deregister")
+            return
+        if status == 200:
+            st.deregistered.add(sid)
+            st.count(st.ok, "deregister")
+        else:
+            st.ambiguous.add(sid)
+            st.count(st.errors, f"deregister_{status}")
+
+    async def read(self) -> None:
+        st = self.state
+        target = random.choice(st.live())
+        choice = random.random()
+        if choice < 0.3:
+            path = "/v1/catalog/services"
+        elif choice < 0.6:
+            path = f"/v1/health/service/{random.choice(SERVICE_NAMES)}?passing"
+        elif choice < 0.8 and st.acked_kv:
+            path = f"/v1/kv/{random.choice(tuple(st.acked_kv))}"
+        else:
+            path = "/v1/catalog/nodes"
+        start = time.monotonic()
+        try:
+            status, _ = await self.call(target, "GET", path)
+        except Exception:  # noqa: BLE001
+            st.count(st.errors, "read")
+            return
+        if status == 200:
+            st.reads.append((start - st.t0, time.monotonic() - start))
+            st.count(st.ok, "read")
+        else:
+            st.count(st.errors, f"read_{status}")
+
+    async def run(self, think: float) -> None:
+        await asyncio.sleep(random.uniform(0, think))  # spread the start
+        while not self.state.stop:
+            try:
+                await self.step()
+            except Exception:  # noqa: BLE001 - a client never dies; errors are counted
+                self.state.count(self.state.errors, "client")
+            await asyncio.sleep(random.uniform(0.5 * think, 1.5 * think))
+        self.close()
+
+    async def watch(self) -> None:
+        """Blocking queries on the health of one service (or the catalog), re-armed with the index."""
+        st = self.state
+        path = random.choice([f"/v1/health/service/{random.choice(SERVICE_NAMES)}", "/v1/catalog/services"])
+        index = "0"
+        target = random.choice(st.live())
+        while not st.stop:
+            if not st.targets[target].alive():
+                target, index = random.choice(st.live()), "0"
+            try:
+                conn = self.conns.get(target) or self.conns.setdefault(
+                    target, RawConn("127.0.0.1", st.targets[target].http_port))
+                sep = "&" if "?" in path else "?"
+                status, headers, _ = await conn.request("GET", f"{path}{sep}index={index}&wait=3s", timeout=10)
+            except Exception:  # noqa: BLE001
+                st.count(st.errors, "blocking")
+                target, index = random.choice(st.live()), "0"
+                await asyncio.sleep(0.2)
+                continue
+            if status == 200:
+                st.blocking_returns += 1
+                new = headers.get("x-consul-index", "0")
+                index = "0" if int(new) < int(index) else new  # index went backwards: reset (Consul's rule)
+            else:
+                st.count(st.errors, f"blocking_{status}")
+                await asyncio.sleep(0.2)
+        self.close()
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            conn.close()
+
+
+async def sample_rss(state: State, procs: list[AgentProc], samples: dict[str, list[tuple[float, int]]]) -> None:
+    while not state.stop:
+        now = time.monotonic() - state.t0
+        for proc in procs:
+            if proc.alive() and proc.proc is not None:
+                samples.setdefault(proc.name, []).append((now, rss_kib(proc.proc.pid)))
+        await asyncio.sleep(1.0)
+
+
+def box_busy() -> float:
+    """Core-seconds the whole box has been busy (other tenants' work included); the difference of two
+    calls over the wall time between them is the average number of busy cores."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / CLK_TCK
+
+
+def slope_mib_per_s(points: list[tuple[float, int]]) -> float:
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mx = sum(t for t, _ in points) / n
+    my = sum(v for _, v in points) / n
+    den = sum((t - mx) ** 2 for t, _ in points) or 1.0
+    return sum((t - mx) * (v - my) for t, v in points) / den / 1024
+
+
+async def unloaded_reads(state: State, secs: float, workers: int = 8) -> list[float]:
+    """The same read mix from a few clients with short pauses: the run's unloaded latency."""
+    deadline = time.monotonic() + secs
+
+    async def one(wid: int) -> None:
+        client = Client(state, 10_000 + wid)
+        while time.monotonic() < deadline:
+            await client.read()
+            await asyncio.sleep(random.uniform(0.01, 0.03))
+        client.close()
+
+    state.t0 = time.monotonic()
+    await asyncio.gather(*(one(w) for w in range(workers)))
+    latencies = [lat for _, lat in state.reads]
+    state.reads.clear()
+    state.ok.clear()
+    state.errors.clear()
+    return latencies
+
+
+def start_client_agents(root: Path, cluster: Cluster, count: int) -> list[AgentProc]:
+    agents = []
+    ports = free_ports(count)
+    join = [a for s in cluster.servers for a in ("-retry-join", s.http_addr)]
+    for i, port in enumerate(ports):
+        name = f"c{i + 1}"
+        agents.append(AgentProc(
+            name, port,
+            ["-node", name, "-data-dir", str(root / name), "-http-port", str(port), "-dns-port", "-1",
+             "-heartbeat-interval", "1s", *join],
+            root / f"{name}.log",
+        ))
+    for agent in agents:
+        agent.start()
+    for agent in agents:
+        agent.wait_ready(40)
+    return agents
+
+
+def verify(state: State, servers: list[AgentProc], timeout: float = 60.0) -> dict[str, Any]:
+    """Every acked KV key and every acked, not-deregistered service on every server (stale reads,
+    i.e. each server's own copy); polls until they converge or `timeout` passes."""
+    keep = {sid: node for sid, node in state.acked_services.items()
+            if sid not in state.deregistered and sid not in state.ambiguous}
+    gone = {sid for sid in state.deregistered if sid not in state.ambiguous}
+    result: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    for server in servers:
+        while True:
+            keys = set(server.get("/v1/kv/soak/kv/?keys&stale", timeout=30).json() or [])
+            missing_kv = state.acked_kv - keys
+            present: set[str] = set()
+            for node in sorted(set(keep.values()) | {n for n in state.clients}):
+                resp = server.get(f"/v1/catalog/node/{node}?stale", timeout=30)
+                if resp.status_code == 200 and resp.json():
+                    present |= set((resp.json().get("Services") or {}).keys())
+            missing_svc = set(keep) - present
+            lingering = gone & present
+            if (not missing_kv and not missing_svc and not lingering) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        result[server.name] = {"kv_checked": len(state.acked_kv), "kv_missing": sorted(missing_kv)[:20],
+                               "kv_missing_count": len(missing_kv), "services_checked": len(keep),
+                               "services_missing": sorted(missing_svc)[:20], "services_missing_count": len(missing_svc),
+                               "deregistered_still_present": len(lingering)}
+    return result
+
+
+async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think: float = 0.5,
+                   restart_signal: str = "kill", baseline_secs: float = 4.0) -> dict[str, Any]:
+    cluster = Cluster(root, 3)
+    agents: list[AgentProc] = []
+    out: dict[str, Any] = {"machine": machine(), "duration": duration, "clients": clients, "think": think,
+                           "restart_signal": restart_signal}
+    try:
+        await asyncio.to_thread(cluster.start, 60)
+        agents = await asyncio.to_thread(start_client_agents, root, cluster, 2)
+        targets = {p.name: p for p in cluster.servers + agents}
+        state = State(targets, [a.name for a in agents])
+        # Something to read before the clock starts.
+        await asyncio.gather(*(Client(state, 20_000 + i).kv_write() for i in range(20)))
+        await asyncio.gather(*(Client(state, 20_100 + i).register() for i in range(10)))
+        box0 = box_busy()
+        baseline = await unloaded_reads(state, baseline_secs)
+        out["box_busy_cores_unloaded"] = (box_busy() - box0) / baseline_secs
+        out["unloaded"] = {"reads": len(baseline), "p50_ms": pct(baseline, 50) * 1e3, "p99_ms": pct(baseline, 99) * 1e3}
+        log(f"unloaded reads: n={len(baseline)} p50={out['unloaded']['p50_ms']:.2f} ms p99={out['unloaded']['p99_ms']:.2f} ms")
+
+        rss: dict[str, list[tuple[float, int]]] = {}
+        state.t0 = time.monotonic()
+        watchers = max(1, clients // 10)
+        tasks = [asyncio.create_task(Client(state, w).watch()) for w in range(watchers)]
+        tasks += [asyncio.create_task(Client(state, w).run(think)) for w in range(watchers, clients)]
+        sampler = asyncio.create_task(sample_rss(state, cluster.servers + agents, rss))
+
+        leader = await asyncio.to_thread(cluster.leader_proc)
+        victim_client = agents[-1]
+        restarted_at = 0.0
+
+        async def faults() -> None:
+            nonlocal restarted_at
+            await asyncio.sleep(duration * 0.35)
+            state.events.append((time.monotonic() - state.t0, f"{restart_signal} leader {leader.name}"))
+            log(f"t={time.monotonic() - state.t0:.1f}s: SIG{restart_signal.upper()} the leader {leader.name}")
+            await asyncio.to_thread(leader.kill if restart_signal == "kill" else leader.stop)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(leader.start)
+            await asyncio.to_thread(leader.wait_ready, 40)
+            restarted_at = time.monotonic() - state.t0
+            state.events.append((restarted_at, f"{leader.name} ready again"))
+            log(f"t={restarted_at:.1f}s: {leader.name} ready again")
+
+        async def kill_client() -> None:
+            await asyncio.sleep(duration * 0.6)
+            state.events.append((time.monotonic() - state.t0, f"SIGKILL client agent {victim_client.name}"))
+            log(f"t={time.monotonic() - state.t0:.1f}s: SIGKILL client agent {victim_client.name}")
+            await asyncio.to_thread(victim_client.kill)
+
+        fault_task = asyncio.gather(faults(), kill_client())
+        box0 = box_busy()
+        await asyncio.sleep(duration)
+        out["box_busy_cores_during_load"] = (box_busy() - box0) / duration
+        state.stop = True
+        await fault_task
+        await asyncio.wait(tasks, timeout=15)
+        sampler.cancel()
+        elapsed = time.monotonic() - state.t0
+        log(f"load done after {elapsed:.1f}s; starting {victim_client.name} again and verifying")
+
+        await asyncio.to_thread(victim_client.start)
+        await asyncio.to_thread(victim_client.wait_ready, 40)
+        out["verify"] = await asyncio.to_thread(verify, state, cluster.servers)
+        out["events"] = state.events
+        reads = [lat for _, lat in state.reads]
+        calm = [lat for t, lat in state.reads if not any(t_ev <= t < t_ev + 5 for t_ev, _ in state.events)]
+        writes = [lat for _, lat in state.writes]
+        out["loaded"] = {
+            "reads": len(reads), "read_p50_ms": pct(reads, 50) * 1e3, "read_p99_ms": pct(reads, 99) * 1e3,
+            "read_p99_ms_outside_faults": pct(calm, 99) * 1e3, "reads_outside_faults": len(calm),
+            "kv_writes_acked": len(state.acked_kv), "write_p50_ms": pct(writes, 50) * 1e3,
+            "write_p99_ms": pct(writes, 99) * 1e3, "ops_per_s": sum(state.ok.values()) / elapsed,
+            "ok": state.ok, "errors": state.errors, "blocking_returns": state.blocking_returns,
+            "services_acked": len(state.acked_services), "services_deregistered": len(state.deregistered),
+            "services_ambiguous": len(state.ambiguous),
+        }
+        memory: dict[str, Any] = {}
+        for name, points in rss.items():
+            proc = targets[name]
+            if proc is leader:
+                points = [(t, v) for t, v in points if t >= restarted_at]
+                since = restarted_at + 10
+            else:
+                since = 10.0
+            at10 = next((v for t, v in points if t >= since), None)
+            final = points[-1][1] if points else 0
+            last10 = [(t, v) for t, v in points if t >= points[-1][0] - 10] if points else []
+            memory[name] = {"rss_start_mib": points[0][1] / 1024 if points else 0, "rss_at_10s_mib": (at10 or 0) / 1024,
+                            "rss_final_mib": final / 1024, "slope_last10s_mib_per_s": slope_mib_per_s(last10),
+                            "restarted": proc is leader, "samples": len(points)}
+        out["memory"] = memory
+        servers_checked = [n for n in memory if n.startswith("s") and not memory[n]["restarted"]]
+        ratio = out["loaded"]["read_p99_ms"] / max(out["unloaded"]["p99_ms"], 1e-9)
+        out["invariants"] = {
+            "no_acked_write_lost": all(v["kv_missing_count"] == 0 and v["services_missing_count"] == 0
+                                       for v in out["verify"].values()),
+            "memory_bounded": all(memory[n]["rss_final_mib"] <= 1.5 * memory[n]["rss_at_10s_mib"]
+                                  for n in servers_checked if memory[n]["rss_at_10s_mib"]),
+            "read_p99_ratio": ratio,
+            "read_p99_within_2x": ratio <= 2.0,
+        }
+        out["post_idle_rss_mib"] = {p.name: rss_kib(p.proc.pid) / 1024 for p in cluster.servers if p.proc and p.alive()}
+        return out
+    finally:
+        for agent in agents:
+            agent.kill()
+        cluster.stop()
+
+
+def report(out: dict[str, Any]) -> None:
+    u, ld, inv = out["unloaded"], out["loaded"], out["invariants"]
+    print(f"\n# soak: {out['duration']:.0f} s, {out['clients']} clients (think {out['think']} s), "
+          f"leader restart by SIG{out['restart_signal'].upper()}, one client agent SIGKILLed")
+    print(f"box: {out['machine']['nproc']} cores; average busy cores (all tenants) during the unloaded reads "
+          f"{out['box_busy_cores_unloaded']:.2f}, during the load {out['box_busy_cores_during_load']:.2f}")
+    print(f"ops/s {ld['ops_per_s']:.0f}  ok={ld['ok']}  errors={ld['errors']}  blocking returns={ld['blocking_returns']}")
+    print(f"reads: unloaded p50 {u['p50_ms']:.2f} / p99 {u['p99_ms']:.2f} ms (n={u['reads']}); "
+          f"loaded p50 {ld['read_p50_ms']:.2f} / p99 {ld['read_p99_ms']:.2f} ms (n={ld['reads']}); "
+          f"p99 outside the 5 s after each fault {ld['read_p99_ms_outside_faults']:.2f} ms")
+    print(f"KV writes acked {ld['kv_writes_acked']} (p50 {ld['write_p50_ms']:.1f} / p99 {ld['write_p99_ms']:.1f} ms); "
+          f"services acked {ld['services_acked']}, deregistered {ld['services_deregistered']}, "
+          f"ambiguous {ld['services_ambiguous']}")
+    for name, v in out["verify"].items():
+        print(f"  {name}: KV missing {v['kv_missing_count']}/{v['kv_checked']}, services missing "
+              f"{v['services_missing_count']}/{v['services_checked']}, deregistered still present "
+              f"{v['deregistered_still_present']}")
+    for name, m in out["memory"].items():
+        print(f"  rss {name}: start {m['rss_start_mib']:.1f} MiB, at 10 s {m['rss_at_10s_mib']:.1f}, final "
+              f"{m['rss_final_mib']:.1f}, last-10 s slope {m['slope_last10s_mib_per_s']:+.2f} MiB/s"
+              f"{' (restarted; measured from its restart)' if m['restarted'] else ''}")
+    print(f"events: {out['events']}")
+    print(f"invariants: no acked write lost={inv['no_acked_write_lost']}  memory bounded={inv['memory_bounded']}  "
+          f"read p99 ratio={inv['read_p99_ratio']:.2f} (within 2x: {inv['read_p99_within_2x']})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--think", type=float, default=0.5)
+    parser.add_argument("--restart-signal", choices=["kill", "term"], default="kill")
+    parser.add_argument("--json", default="")
+    parser.add_argument("--root", default="")
+    args = parser.parse_args()
+    exit_on_sigterm()
+    loop_name = install_uvloop()
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lictor-soak-", dir=args.root or None) as tmp:
+        log(f"soak: loop={loop_name}, root={tmp}")
+        out = asyncio.run(run_soak(Path(tmp), args.duration, args.clients, args.think, args.restart_signal))
+    report(out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    inv = out["invariants"]
+    return 0 if inv["no_acked_write_lost"] and inv["memory_bounded"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
