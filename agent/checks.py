@@ -239,7 +239,10 @@ class CheckRunner:
             chk.handler = StatusHandler(
                 spec.success_before_passing, spec.failures_before_warning, spec.failures_before_critical
             )
-            stagger = self._rng.uniform(0, spec.interval) if spec.interval > 0 else 0.0
+            # Consul staggers the first run over a whole interval, so a new instance can sit
+            # critical (out of DNS and load balancing) for up to 10 s; a user complaint (#2314).
+            # Spread first runs over at most 1 s: fast to healthy, still no thundering herd.
+            stagger = self._rng.uniform(0, min(spec.interval, 1.0)) if spec.interval > 0 else 0.0
             self._push(chk, now + stagger)
         if chk.status == CRITICAL:
             chk.critical_since = now
@@ -403,6 +406,10 @@ class CheckRunner:
         st.max_lag = max(st.max_lag, lag)
         interval = chk.spec.interval
         nxt = due + interval
+        if chk.runs == 0 and interval > 1.0:
+            # The first run came early (within 1 s of registration); move the second to a random
+            # phase of the interval so that thousands of checks don't probe in one burst forever.
+            nxt = now + max(0.5, self._rng.uniform(0, interval))
         if nxt <= now:  # fell behind by more than an interval: skip, don't burst
             missed = math.floor((now - nxt) / interval) + 1
             st.skipped_late += missed

@@ -40,6 +40,8 @@ class AgentConfig:
     service_ttl: dict[str, float] = field(default_factory=dict)
     only_passing: bool = False
     a_record_limit: int = 0
+    dev_gateway: bool = False  # -dev only: also run an ingress gateway
+    gateway_port: int = 8080
     dns_max_stale: float = 72 * 3600.0  # past this without reaching a server, DNS answers SERVFAIL
     raft_snapshot_threshold: int = 5000
     raft_min_timeout: float = 0.8
@@ -242,10 +244,14 @@ def parse_agent_args(argv: list[str]) -> AgentConfig:
             parser.add_argument(*names, dest=flag, default=None)
     parser.add_argument("-config-file", "--config-file", dest="config_file", action="append", default=[])
     parser.add_argument("-dev-gateway", "--dev-gateway", dest="dev_gateway", action="store_true")
+    parser.add_argument("-gateway-port", "--gateway-port", dest="gateway_port", type=int, default=None)
     args = parser.parse_args(argv)
     config = AgentConfig()
     for path in args.config_file:
         apply_file(config, path)
+    config.dev_gateway = args.dev_gateway
+    if args.gateway_port is not None:
+        config.gateway_port = args.gateway_port
     for flag, (dest, kind) in _FLAGS.items():
         value = getattr(args, flag)
         if value is None:
@@ -261,6 +267,8 @@ def finalize(config: AgentConfig) -> AgentConfig:
     if config.dev:
         config.server = True
         config.bootstrap_expect = 1
+        if config.dev_gateway:
+            config.managed_proxies = True  # the gateway reaches services through their sidecars
     if not config.node:
         config.node = socket.gethostname()
     if config.server and not config.dev and config.bootstrap_expect <= 0 and not config.retry_join:

@@ -141,7 +141,7 @@ async def blocking(
             generation = feed.generation
             index, data = read()
             remaining = deadline - loop.time()
-            if index > opts.index or remaining <= 0:
+            if index > opts.index or remaining <= 0 or getattr(feed, "closed", False):
                 return index, data
             await feed.wait(generation, remaining)
     finally:

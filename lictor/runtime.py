@@ -125,6 +125,8 @@ class Agent:
                 print(f"    Raft: {config.raft_addr} ({'in-memory' if config.dev else config.data_dir})", flush=True)
             await self._start_local_agent()
             self._ready = True
+            if config.dev and config.dev_gateway:
+                await self._start_dev_gateway()  # it registers itself through our own API
             print("==> Agent ready", flush=True)
             stop_wait = asyncio.create_task(self.shutdown.wait())
             await asyncio.wait({*serve_tasks, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -147,6 +149,33 @@ class Agent:
         self.connect_api = ConnectAPI(self.server.log, self.server.api.info, self.config)
         return self.connect_api.routes()
 
+    async def _start_dev_gateway(self) -> None:
+        """`-dev -dev-gateway`: an ingress gateway in this process, exposing every HTTP service.
+
+        It registers `ingress-gw` and, unless one exists, an ingress-gateway entry with one HTTP
+        listener for `*`: a service `web` answers at `Host: web.ingress.consul`.
+        """
+        import httpx
+
+        from lictor.gateway.proxy import Gateway, GatewayConfig
+
+        config = self.config
+        base = f"http://{config.http_addr}"
+        headers = {"X-Consul-Token": config.acl_token} if getattr(config, "acl_token", "") else {}
+        async with httpx.AsyncClient(timeout=10, headers=headers) as client:
+            await client.put(base + "/v1/agent/service/register", json={
+                "ID": "ingress-gw", "Name": "ingress-gw", "Kind": "ingress-gateway", "Port": config.gateway_port})
+            existing = await client.get(base + "/v1/config/ingress-gateway/ingress-gw")
+            if existing.status_code == 404:
+                await client.put(base + "/v1/config", json={
+                    "Kind": "ingress-gateway", "Name": "ingress-gw",
+                    "Listeners": [{"Port": config.gateway_port, "Protocol": "http", "Services": [{"Name": "*"}]}]})
+        gateway = Gateway(GatewayConfig(service="ingress-gw", agent_addr=config.http_addr, bind_address=config.client))
+        await gateway.start()
+        self.extras.append(gateway)
+        print(f"    Ingress gateway: http://{config.client}:{config.gateway_port} (Host: <service>.ingress.consul)",
+              flush=True)
+
     async def _start_local_agent(self) -> None:
         try:
             from lictor.agent.local import attach_local_agent
@@ -155,6 +184,8 @@ class Agent:
         await attach_local_agent(self)
 
     async def close(self) -> None:
+        if self.server is not None and self.server.log is not None:
+            self.server.log.feed.close()  # parked blocking queries answer instead of being cancelled
         for extra in reversed(self.extras):
             try:
                 await extra.stop()

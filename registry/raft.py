@@ -66,6 +66,7 @@ class ChangeFeed:
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.generation = 0
+        self.closed = False  # shutting down: blocking queries answer now instead of being cancelled
         self._waiters: list[asyncio.Future[None]] = []
         self._pending = False
         self._lock = threading.Lock()
@@ -95,9 +96,13 @@ class ChangeFeed:
             if not fut.done():
                 fut.set_result(None)
 
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
     async def wait(self, generation: int, timeout: float) -> None:
         """Return when anything changed after `generation` was read, or after `timeout`."""
-        if self.generation != generation or timeout <= 0:
+        if self.generation != generation or timeout <= 0 or self.closed:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)

@@ -100,3 +100,30 @@ def test_agent_runs_and_stops_sidecars(managed_agent: AgentProc) -> None:
     finally:
         app.shutdown()
         app.server_close()
+
+
+def test_dev_gateway_reaches_a_service_through_its_sidecar(tmp_path: Path) -> None:
+    http_port, gateway_port, app_port = free_ports(3)
+    agent = AgentProc("devgw", http_port, ["-dev", "-dev-gateway", "-gateway-port", str(gateway_port),
+                                           "-http-port", str(http_port), "-dns-port", "-1"], tmp_path / "agent.log")
+    app = http.server.ThreadingHTTPServer(("127.0.0.1", app_port), Hello)
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    agent.start()
+    try:
+        agent.wait_ready()
+        assert agent.put("/v1/config", json={"Kind": "service-defaults", "Name": "api", "Protocol": "http"}).json()
+        assert agent.put("/v1/agent/service/register", json={
+            "Name": "api", "Port": app_port, "Connect": {"SidecarService": {}}}).status_code == 200
+
+        def through_gateway() -> bool:
+            try:
+                resp = httpx.get(f"http://127.0.0.1:{gateway_port}/", headers={"Host": "api.ingress.consul"}, timeout=2)
+            except httpx.HTTPError:
+                return False
+            return resp.text == "hello from api"
+
+        wait_until(through_gateway, 30, 0.3, "api through the dev gateway")
+    finally:
+        agent.stop()
+        app.shutdown()
+        app.server_close()
