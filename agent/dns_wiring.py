@@ -62,17 +62,35 @@ class CatalogFollower:
         return self.view
 
     async def follow_store(self, log_: Any) -> None:
-        """Server agents: rebuild from the local replicated store whenever it changes."""
+        """Server agents: rebuild from the local replicated store whenever it changes. With ACLs on,
+        the view holds only what the agent's default token (-acl-token, else anonymous) may read."""
         feed = log_.feed
+        resolver = None
+        if self.config.acl_enabled:
+            from lictor.registry.acl_http import ServerResolver
+
+            resolver = ServerResolver(lambda: log_.store, self.config.acl_default_policy, self.config.acl_initial_management)
         while True:
             generation = feed.generation
             index, snapshot = views.read(log_.store, views.catalog_snapshot)
-            if index != self.index:
+            if index != self.index:  # ACL changes move the index too
                 self.index = index
+                if resolver is not None:
+                    snapshot = await self._acl_filter(resolver, snapshot)
                 self.build(snapshot)
             self.updated = time.monotonic()
             await feed.wait(generation, 30.0)
             await asyncio.sleep(REBUILD_MIN_PERIOD)
+
+    async def _acl_filter(self, resolver: Any, snapshot: dict[str, Any]) -> dict[str, Any]:
+        from lictor import acl
+
+        try:
+            resolved = await resolver.resolve(self.config.acl_token)
+        except APIError:
+            resolved = None
+        authz = resolved.authz if resolved is not None else acl.Authorizer(acl.Rules(), "deny", "", True)
+        return acl.filter_response("catalog_snapshot", snapshot, authz)[0]
 
     async def follow_servers(self, pool: Any) -> None:
         """Client agents: a blocking query on the whole catalog, stale reads allowed."""
@@ -81,8 +99,10 @@ class CatalogFollower:
             try:
                 self.waiting = self.updated > 0.0
                 try:
+                    # DNS answers with the default token's view (Consul's rule), not the agent token's.
+                    headers = {"X-Consul-Token": self.config.acl_token or "anonymous"} if self.config.acl_enabled else {}
                     resp = await pool.request(
-                        "GET", f"/v1/internal/snapshot?stale&index={self.index}&wait=30s", timeout=45.0
+                        "GET", f"/v1/internal/snapshot?stale&index={self.index}&wait=30s", timeout=45.0, headers=headers
                     )
                 finally:
                     self.waiting = False
