@@ -995,7 +995,7 @@ class _Obs:
 
     def routed(self, service: str, d: Any) -> Span | None:
         self.service = service
-        self.route = _route_label(d.route)
+        self.route = route_label(d.route)
         self.split = d.resolver.name
         span = self.span
         if span is not None and span.sampled:
@@ -1054,7 +1054,7 @@ class _Obs:
                 "downstream_address": self.down.peer, "peer_spiffe_id": self.peer_id or None})
 
 
-def _route_label(route: Any) -> str:
+def route_label(route: Any) -> str:
     """A short, stable name for a route: what it matches on (routes have no names in Consul)."""
     if route.default:
         return "default"

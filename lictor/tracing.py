@@ -36,9 +36,9 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "ATTR_PEER_SPIFFE_ID", "ATTR_RETRY_COUNT", "ATTR_ROUTE", "ATTR_SERVICE", "ATTR_SPLIT_TARGET", "ATTR_STATUS",
-    "ATTR_UPSTREAM", "CLIENT", "INTERNAL", "SERVER", "TRACE_HEADERS", "MemoryExporter", "OtlpExporter", "Span",
-    "TraceContext", "Tracer", "encode_otlp_json", "format_traceparent", "inject", "new_span_id", "new_trace_id",
-    "parse_b3_multi", "parse_b3_single", "parse_traceparent",
+    "ATTR_UPSTREAM", "CLIENT", "INTERNAL", "SERVER", "TRACE_HEADERS", "TRACE_HEADERS_BYTES", "MemoryExporter", "OtlpExporter", "Span",
+    "TraceContext", "Tracer", "encode_otlp_json", "format_traceparent", "header_lines", "inject", "new_span_id",
+    "new_trace_id", "parse_b3_multi", "parse_b3_single", "parse_traceparent", "passthrough_header",
 ]
 
 log = logging.getLogger("lictor.tracing")
@@ -66,7 +66,8 @@ ATTR_INTENTION = "lictor.intention"
 # Every header this module reads or writes: a proxy that re-injects strips these from the copy it forwards.
 TRACE_HEADERS = frozenset({"traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid",
                            "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"})
-_TRACE_HEADERS_B = frozenset(h.encode() for h in TRACE_HEADERS)
+TRACE_HEADERS_BYTES = frozenset(h.encode() for h in TRACE_HEADERS)
+_TRACE_HEADERS_B = TRACE_HEADERS_BYTES
 
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
@@ -242,6 +243,22 @@ def inject(headers: MutableMapping[str, str] | list[tuple[str, str]], ctx: Trace
         headers.update(new)
 
 
+def header_lines(trace_id: str, span_id: str, sampled: bool, tracestate: str = "", b3: str = "") -> bytes:
+    """A context as HTTP/1.1 header lines (`traceparent: ...\\r\\n`, plus tracestate/b3 when set)."""
+    line = f"traceparent: 00-{trace_id}-{span_id}-{'01' if sampled else '00'}\r\n"
+    if tracestate or b3:
+        line += "".join(f"{k}: {v}\r\n" for k, v in TraceContext(trace_id, span_id, sampled, tracestate, b3).headers()[1:])
+    return line.encode("latin-1")
+
+
+def passthrough_header(ctx: TraceContext) -> bytes:
+    """An unrecorded hop: the same trace and flags under a fresh span id, as header lines.
+
+    The cheap path of an unsampled request: no Span, no attributes, one id and one formatted header.
+    """
+    return header_lines(ctx.trace_id, f"{_bits(64) or 1:016x}", ctx.sampled, ctx.tracestate, ctx.b3)
+
+
 # -------------------------------------------------------------------------------------- spans
 
 class Span:
@@ -280,10 +297,7 @@ class Span:
 
     def header_bytes(self) -> bytes:
         """This span's context as HTTP/1.1 header lines (the hot path of a proxy's outbound request)."""
-        line = f"traceparent: 00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}\r\n"
-        if self.tracestate or self.b3:
-            line += "".join(f"{k}: {v}\r\n" for k, v in self.context.headers()[1:])
-        return line.encode("latin-1")
+        return header_lines(self.trace_id, self.span_id, self.sampled, self.tracestate, self.b3)
 
     def child(self, name: str, kind: int = CLIENT, attrs: dict[str, Any] | None = None) -> Span:
         return Span(self.tracer, name, kind, self.trace_id, new_span_id(), self.span_id, self.sampled,
@@ -331,6 +345,16 @@ class Tracer:
             return True
         return int(trace_id[16:], 16) < self._bound  # TraceIdRatioBased: consistent across proxies
 
+    def root(self, parent: TraceContext | None) -> TraceContext:
+        """The context a hop continues: `parent` when it carries a trace, else a new trace (span id "")
+        sampled by ratio (a bare B3 decision is honoured). Spans started under it are the trace's roots."""
+        if parent is not None and parent.trace_id:
+            return parent
+        trace_id = new_trace_id()
+        if parent is not None:
+            return TraceContext(trace_id, "", parent.sampled, b3=parent.b3)
+        return TraceContext(trace_id, "", self.sample_new(trace_id))
+
     def start(self, name: str, kind: int, parent: TraceContext | None, attrs: dict[str, Any] | None = None,
               start_ns: int | None = None) -> Span:
         if parent is None or not parent.trace_id:
@@ -377,8 +401,22 @@ def _key(k: str) -> str:
     return prefix
 
 
+_PAIRS: dict[tuple[str, str], str] = {}  # (name, str value) -> encoded attribute: most repeat (services, routes)
+
+
+def _pair(k: str, v: Any) -> str:
+    if type(v) is not str:  # numbers are cheap to encode (and True == 1 must not share a cache entry)
+        return f"{_key(k)}{_any_value(v)}}}"
+    out = _PAIRS.get((k, v))
+    if out is None:
+        out = f"{_key(k)}{_any_value(v)}}}"
+        if len(_PAIRS) < 65536:  # bounded: paths and ids are unbounded
+            _PAIRS[(k, v)] = out
+    return out
+
+
 def _attributes(attrs: Mapping[str, Any]) -> str:
-    return ",".join(f"{_key(k)}{_any_value(v)}}}" for k, v in attrs.items() if v is not None)
+    return ",".join([_pair(k, v) for k, v in attrs.items() if v is not None])
 
 
 def _span_json(s: Span) -> str:

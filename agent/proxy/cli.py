@@ -1,7 +1,9 @@
 """`lictor connect proxy` / `python -m lictor.agent.proxy`: run a Connect sidecar proxy.
 
 Flags take Consul's single-dash Go style or the double-dash form: `-sidecar-for web`,
-`--http-addr 127.0.0.1:8500`, `-metrics-port 9102`, `-log-level debug`.
+`--http-addr 127.0.0.1:8500`, `-metrics-port 9102`, `-log-level debug`. Tracing and access logs:
+`-otlp-endpoint URL`, `-trace-sample-ratio R`, `-access-log PATH|-`; without them the registration's
+`Proxy.Config` keys `otlp_endpoint`, `trace_sample_ratio`, `access_log` apply (managed proxies).
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     flag("log-level", default="info", choices=["trace", "debug", "info", "warn", "warning", "error"])
     flag("default-intention-policy", default=None, choices=["allow", "deny"],
          help="override the agent's default intention policy")
+    flag("otlp-endpoint", default=os.environ.get("LICTOR_OTLP_ENDPOINT"),
+         help="export trace spans over OTLP/HTTP (JSON) to this URL ('' = off; default $LICTOR_OTLP_ENDPOINT, "
+              "else the registration's Proxy.Config otlp_endpoint)")
+    flag("trace-sample-ratio", type=float, default=None,
+         help="share of the traces this proxy starts that are recorded, 0..1; a caller's sampled flag wins "
+              "(default Proxy.Config trace_sample_ratio, else 1.0)")
+    flag("access-log", default=None,
+         help="one JSON line per http request to this file, or '-' for stdout ('' = off; default "
+              "Proxy.Config access_log)")
     return parser
 
 
@@ -56,7 +67,8 @@ def main(argv: list[str]) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run_proxy(_http_addr(args.http_addr), args.sidecar_for, proxy_id=args.proxy_id,
                         metrics_port=args.metrics_port, default_intention_policy=args.default_intention_policy,
-                        token=args.token, stop=stop)
+                        token=args.token, stop=stop, otlp_endpoint=args.otlp_endpoint,
+                        trace_sample_ratio=args.trace_sample_ratio, access_log=args.access_log)
 
     try:
         import uvloop  # the data plane wants uvloop: its SSL and TCP transports are ~1.7x faster

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lictor.agent.proxy.balancer import DEFAULT_EJECTION_TIME, DEFAULT_MAX_FAILURES, LB_POLICIES
+from lictor.agent.proxy.observe import ObserveSettings, settings_from_config
 
 __all__ = [
     "DEFAULT_CONNECT_RETRIES",
@@ -58,6 +59,7 @@ class ProxySpec:
     local_port: int
     upstreams: tuple[UpstreamSpec, ...]
     content_hash: str = ""
+    observe: ObserveSettings = ObserveSettings()  # Proxy.Config otlp_endpoint / trace_sample_ratio / access_log
 
 
 def _num(value: Any, default: float, lo: float, hi: float) -> float:
@@ -142,4 +144,5 @@ def parse_registration(service: Mapping[str, Any]) -> ProxySpec:
         local_port=int(proxy.get("LocalServicePort") or 0),
         upstreams=tuple(upstreams),
         content_hash=str(service.get("ContentHash") or ""),
+        observe=settings_from_config(proxy.get("Config")),
     )

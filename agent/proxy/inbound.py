@@ -8,14 +8,22 @@ destination every request is parsed (httptools) and judged by the L7 rules; a de
 
 Every open connection is kept in `live` with its caller's identity, so when intentions change
 `reevaluate()` closes the ones that are now denied.
+
+With tracing or an access log on (`ProxyState.obs`), an http destination's requests are observed:
+after the intention decision a SERVER span `inbound <service>` starts under the caller's W3C/B3
+context (or a new trace), the forwarded head carries the span's context instead of the caller's, and
+the app's responses are parsed (httptools, on the app side, in order) to end each request's span with
+its status and to write its access-log line. A denied request ends with 403 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 import ssl
+import time
 from typing import Any
 
 import httptools
@@ -24,6 +32,20 @@ from lictor.agent.proxy.authz import source_of
 from lictor.agent.proxy.relay import Pipe
 from lictor.agent.proxy.state import ProxyState
 from lictor.agent.proxy.tls import peer_uris
+from lictor.tracing import (
+    ATTR_INTENTION,
+    ATTR_METHOD,
+    ATTR_PATH,
+    ATTR_PEER_SPIFFE_ID,
+    ATTR_PROXY,
+    ATTR_SERVICE,
+    SERVER,
+    TRACE_HEADERS_BYTES,
+    Span,
+    TraceContext,
+    header_lines,
+    new_span_id,
+)
 
 __all__ = ["HANDSHAKE_TIMEOUT", "InboundConn", "InboundHTTPConn", "InboundListener"]
 
@@ -32,10 +54,84 @@ log = logging.getLogger("lictor.proxy.inbound")
 HANDSHAKE_TIMEOUT = 10.0
 DENY_DRAIN_TIMEOUT = 5.0
 _HOP_BY_HOP = frozenset({b"x-forwarded-client-cert"})
+_HOP_BY_HOP_AND_TRACE = _HOP_BY_HOP | TRACE_HEADERS_BYTES  # a traced request carries our span's context instead
+_HEAD = object()  # a pending HEAD request that is neither traced nor logged (its response has no body)
 
 
 class _AppSide(Pipe):
     __slots__ = ()
+
+
+class _InReq:
+    """One observed inbound request, from the intention decision until the app's response ends."""
+
+    __slots__ = ("span", "trace_id", "span_id", "started", "method", "path", "received")
+
+    def __init__(self, span: Span | None, trace_id: str | None, span_id: str | None, method: str,
+                 path: str) -> None:
+        self.span = span
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.started = time.monotonic()
+        self.method = method
+        self.path = path
+        self.received = 0
+
+
+class _ObservedApp(_AppSide):
+    """The app side of an observed http connection: relays, then parses the responses for their status."""
+
+    __slots__ = ("conn", "rparser", "status", "sent", "reset")
+
+    def __init__(self, conn: InboundHTTPConn) -> None:
+        super().__init__()
+        self.conn = conn
+        self.rparser: Any = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.sent = 0
+        self.reset = False  # a HEAD response ended at its head: a fresh parser for what follows
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # the caller first; parsing is bookkeeping
+        p = self.rparser
+        if p is None:
+            return
+        try:
+            p.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.conn._response_done(self.status or 101, 0)
+            self.rparser = None  # the rest is not HTTP
+        except httptools.HttpParserError as exc:
+            log.debug("inbound: cannot parse the app's response (%s); not observing this connection further", exc)
+            self.rparser = None
+        if self.reset:
+            self.reset = False
+            self.rparser = httptools.HttpResponseParser(self)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.status = 0
+        self.sent = 0
+
+    def on_headers_complete(self) -> None:
+        self.status = self.rparser.get_status_code()
+        pending = self.conn._pending
+        if self.status >= 200 and pending and (pending[0] is _HEAD or (
+                isinstance(pending[0], _InReq) and pending[0].method == "HEAD")):
+            self.conn._response_done(self.status, 0)  # no body follows, whatever the headers say
+            self.reset = True
+
+    def on_body(self, body: bytes) -> None:
+        self.sent += len(body)
+
+    def on_message_complete(self) -> None:
+        if self.reset or (self.status < 200 and self.status != 101):
+            return  # a HEAD answer (done) or an interim 1xx: the request's response is still to come
+        self.conn._response_done(self.status, self.sent)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.conn._flush_pending()
 
 
 class InboundConn(Pipe):
@@ -76,7 +172,7 @@ class InboundConn(Pipe):
         spec = self.listener.state.spec
         loop = asyncio.get_running_loop()
         try:
-            _t, app = await loop.create_connection(_AppSide, spec.local_address, spec.local_port)
+            _t, app = await loop.create_connection(self._app_side, spec.local_address, spec.local_port)
         except OSError as exc:
             self.listener.state.stats.inc("inbound_app_connect_failed")
             log.warning("inbound: local app %s:%s unreachable: %s", spec.local_address, spec.local_port, exc)
@@ -87,6 +183,9 @@ class InboundConn(Pipe):
             app.transport.close()  # type: ignore[union-attr]
             return
         self.link(app)
+
+    def _app_side(self) -> Pipe:
+        return _AppSide()
 
 
 class InboundHTTPConn(InboundConn):
@@ -99,7 +198,7 @@ class InboundHTTPConn(InboundConn):
     """
 
     __slots__ = ("parser", "_url", "_headers", "_allowed", "_chunked", "_denied", "_raw", "_forwarded",
-                 "_deny_body", "_deny_timer")
+                 "_deny_body", "_deny_timer", "_obs", "_pending", "_cur", "_down_addr")
 
     def __init__(self, listener: InboundListener) -> None:
         super().__init__(listener)
@@ -113,6 +212,93 @@ class InboundHTTPConn(InboundConn):
         self._forwarded = 0
         self._deny_body = b""
         self._deny_timer: asyncio.TimerHandle | None = None
+        obs = listener.state.obs
+        self._obs = obs if obs is not None and obs.active else None
+        # Forwarded requests awaiting their response, in order: an _InReq when traced or logged, else
+        # None (_HEAD for a HEAD), so the app's responses pair with their requests.
+        self._pending: collections.deque[Any] = collections.deque()
+        self._cur: _InReq | None = None  # the request whose body is arriving
+        self._down_addr = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._obs is not None and self._obs.access_log is not None:
+            peer = transport.get_extra_info("peername")
+            self._down_addr = peer[0] if peer else ""
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._flush_pending()
+
+    def _app_side(self) -> Pipe:
+        return _ObservedApp(self) if self._obs is not None else _AppSide()
+
+    # observation --------------------------------------------------------------------------------
+    def _observe(self, method: str, path: str, headers: dict[str, str], allowed: bool) -> bytes | None:
+        """Start the request's span (when traced); returns the trace header lines to forward (None: as is)."""
+        obs = self._obs
+        assert obs is not None
+        tracer = obs.tracer
+        ctx = TraceContext.from_headers(headers)
+        span: Span | None = None
+        hdr: bytes | None = None
+        if tracer is not None:
+            root = tracer.root(ctx)
+            if root.sampled:
+                svc = self.listener.state.spec.destination_name
+                span = tracer.start(f"inbound {svc}", SERVER, root, {
+                    ATTR_SERVICE: svc, ATTR_PROXY: "sidecar", ATTR_PEER_SPIFFE_ID: self.uri,
+                    ATTR_INTENTION: "allow" if allowed else "deny", ATTR_METHOD: method,
+                    ATTR_PATH: path.partition("?")[0]})
+                trace_id: str | None = span.trace_id
+                span_id: str | None = span.span_id
+                hdr = span.header_bytes()
+            else:  # only propagate: a fresh span id under the same trace, no Span
+                trace_id, span_id = root.trace_id, new_span_id()
+                hdr = header_lines(trace_id, span_id, False, root.tracestate, root.b3)
+        else:
+            trace_id, span_id = (ctx.trace_id or None, None) if ctx is not None else (None, None)
+        if not allowed:
+            if span is not None:
+                span.end(status=403, error="denied by intention")
+            if obs.access_log is not None:
+                self._log(_InReq(None, trace_id, span_id, method, path), 403, 0, "deny")
+            return None
+        if span is None and obs.access_log is None:
+            self._pending.append(_HEAD if method == "HEAD" else None)
+            self._cur = None
+            return hdr
+        rec = self._cur = _InReq(span, trace_id, span_id, method, path)
+        self._pending.append(rec)
+        return hdr
+
+    def _response_done(self, status: int, sent: int) -> None:
+        if self._pending:
+            rec = self._pending.popleft()
+            if rec is not None and rec is not _HEAD:
+                self._finish(rec, status, sent)
+
+    def _flush_pending(self) -> None:
+        while self._pending:
+            rec = self._pending.popleft()
+            if rec is not None and rec is not _HEAD:
+                self._finish(rec, 0, 0, "connection closed before the app answered")
+
+    def _finish(self, rec: _InReq, status: int, sent: int, error: str = "") -> None:
+        if rec.span is not None:
+            rec.span.end(status=status, error=error)
+        if self._obs is not None and self._obs.access_log is not None:
+            self._log(rec, status, sent, "allow")
+
+    def _log(self, rec: _InReq, status: int, sent: int, intention: str) -> None:
+        obs = self._obs
+        assert obs is not None and obs.access_log is not None
+        spec = self.listener.state.spec
+        obs.access_log.row(rec.started, (
+            rec.trace_id, rec.span_id, "sidecar", self.source, spec.destination_name, None, None,
+            f"{spec.local_address}:{spec.local_port}", rec.method, rec.path.partition("?")[0], status,
+            round((time.monotonic() - rec.started) * 1000, 3), rec.received, sent, None, intention,
+            self._down_addr, self.uri))
 
     # httptools callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -133,6 +319,7 @@ class InboundHTTPConn(InboundConn):
         state = self.listener.state
         decision = state.authz.request(self.source, method, path, headers)
         self._allowed = decision.allowed
+        trace = self._observe(method, path, headers, decision.allowed) if self._obs is not None else None
         if not decision.allowed:
             state.stats.inc("inbound_requests_denied")
             log.info("inbound: denied %s %s from %s: %s", method, path, self.source, decision.reason)
@@ -143,16 +330,21 @@ class InboundHTTPConn(InboundConn):
         self._chunked = headers.get("transfer-encoding", "").lower().endswith("chunked")
         version = self.parser.get_http_version()
         head = [self.parser.get_method(), b" ", self._url, b" HTTP/", version.encode(), b"\r\n"]
+        skip = _HOP_BY_HOP if trace is None else _HOP_BY_HOP_AND_TRACE
         for name, value in self._headers:
-            if name.lower() in _HOP_BY_HOP:
-                continue  # only we may assert the caller's identity
+            if name.lower() in skip:
+                continue  # only we may assert the caller's identity (and a traced hop its context)
             head += [name, b": ", value, b"\r\n"]
+        if trace is not None:
+            head.append(trace)
         head += [b"X-Forwarded-Client-Cert: By=", state.own_uri.encode(), b";URI=", self.uri.encode(), b"\r\n\r\n"]
         self.send(b"".join(head))
 
     def on_body(self, body: bytes) -> None:
         if not self._allowed or self._denied:
             return
+        if self._cur is not None:
+            self._cur.received += len(body)
         if self._chunked:
             self.send(b"%x\r\n%b\r\n" % (len(body), body))
         else:

@@ -23,6 +23,12 @@ sidecar (`lictor.gateway.proxy.Pool`, which checks the server's SPIFFE id is the
 split to another service means another identity). NumRetries / RetryOnConnectFailure /
 RetryOnStatusCodes / RetryOn, RequestTimeout (504) and header changes happen here. The request body
 is buffered (a retry needs it); the response streams once its status is accepted.
+
+*Traces and access logs* (`L7Router.obs`, see `observe.py`). The app's W3C/B3 context (or a new
+trace, sampled by ratio) is continued by one CLIENT span `outbound <service>` per attempt (upstream,
+route, split target, attempt; the server's SPIFFE id once connected; status and retry count at the
+end), whose context replaces the app's trace headers on that attempt. An unsampled request only gets
+the context passed on under a fresh span id. With an access log each request writes one line.
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ from urllib.parse import quote
 
 import httptools
 
+from lictor.agent.proxy.observe import Observer
 from lictor.agent.proxy.watch import AgentClient, follow_index
 from lictor.gateway.chain import ChainError, CompiledChain, HeaderMods, chain_protocol, compile_chain
-from lictor.gateway.proxy import Pool, UpstreamError
+from lictor.gateway.proxy import Pool, UpstreamError, route_label
 from lictor.gateway.proxy import Upstream as PooledConn
 from lictor.gateway.router import (
     BalancerState,
@@ -53,6 +60,25 @@ from lictor.gateway.router import (
     pick_instance,
     select_target,
     should_retry,
+)
+from lictor.tracing import (
+    ATTR_ATTEMPT,
+    ATTR_INSTANCE,
+    ATTR_PEER_SPIFFE_ID,
+    ATTR_PROXY,
+    ATTR_RETRY_COUNT,
+    ATTR_ROUTE,
+    ATTR_SERVICE,
+    ATTR_SPLIT_TARGET,
+    ATTR_TARGET,
+    ATTR_UPSTREAM,
+    CLIENT,
+    TRACE_HEADERS,
+    Span,
+    TraceContext,
+    Tracer,
+    header_lines,
+    new_span_id,
 )
 
 if TYPE_CHECKING:
@@ -69,6 +95,7 @@ HEALTH_WAIT = 2.0  # how long a new chain waits for the first health answer of a
 MAX_PIPELINED = 16
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                          "upgrade", "content-length", "expect"})
+_HOP_BY_HOP_AND_TRACE = _HOP_BY_HOP | TRACE_HEADERS  # a traced request carries its attempt's context instead
 _RESPONSE_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "trailer",
                            "upgrade"})
 _REASONS = {400: "Bad Request", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
@@ -293,6 +320,7 @@ class HTTPOutbound(asyncio.Protocol):
         self.can_write: asyncio.Event | None = None
         self.upstream_paused: PooledConn | None = None
         self._counted = False
+        self.rec: _OutReq | None = None  # the request being served, when traced or logged
 
     # OutboundClient's interface for Upstream.stop()
     def close(self) -> None:
@@ -416,6 +444,7 @@ class L7Router:
         self.pool = Pool()
         self.lb_state = BalancerState()
         self.ejected: dict[str, float] = {}
+        self.obs: Observer | None = None  # traces / access log (None or inactive: off)
 
     def set_tls(self, ctx: Any, trust_domain: str) -> None:
         self.pool.set_tls(ctx, trust_domain)
@@ -435,10 +464,24 @@ class L7Router:
         if down.transport is not None and not down.transport.is_closing():
             down.transport.write(_error_response(status, text, req.keep_alive))
         self.stats.inc("upstream_rq", upstream=dest, code=str(status))
+        if down.rec is not None:
+            down.rec.status = status
+            down.rec.error = text
         return req.keep_alive
 
     async def handle(self, down: HTTPOutbound, req: _Request) -> bool:
         """Serve one request; returns whether the app's connection stays open."""
+        obs = self.obs
+        if obs is None or not obs.active:
+            return await self._handle(down, req, None)
+        try:
+            return await self._handle(down, req, obs)
+        finally:
+            rec, down.rec = down.rec, None
+            if rec is not None:
+                rec.finish(obs, down)
+
+    async def _handle(self, down: HTTPOutbound, req: _Request, obs: Observer | None) -> bool:
         up = down.upstream
         dest = up.spec.destination
         table = up.route  # read once: this request finishes on this chain whatever changes meanwhile
@@ -459,16 +502,33 @@ class L7Router:
         d = decide(table.chain, head, self.rng.random() * 100.0)
         lb = d.resolver.load_balancer
         key, set_cookie = hash_key(lb.hash_policies, head, self.rng) if lb.hash_policies else (None, None)
+        # Tracing: `trace` is the header block every attempt sends (unsampled: the app's context under a
+        # fresh span id); a sampled request starts a span per attempt instead (`rec.attempt`).
+        rec: _OutReq | None = None
+        trace = b""
+        tracer = obs.tracer if obs is not None else None
+        if obs is not None:
+            ctx = TraceContext.from_headers(hdrs)
+            span_id = None
+            if tracer is not None:
+                ctx = tracer.root(ctx)
+                if not ctx.sampled:
+                    span_id = new_span_id()
+                    trace = header_lines(ctx.trace_id, span_id, False, ctx.tracestate, ctx.b3)
+            if (ctx is not None and ctx.sampled and tracer is not None) or obs.access_log is not None:
+                rec = down.rec = _OutReq(tracer, ctx, span_id, req, path, dest, d)
+        skip = _HOP_BY_HOP if tracer is None else _HOP_BY_HOP_AND_TRACE
         out_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers
-                       if k.decode("latin-1").lower() not in _HOP_BY_HOP]
+                       if k.decode("latin-1").lower() not in skip]
         out_headers = apply_header_mods(out_headers, d.request_headers)
         target_path = d.path + (f"?{query}" if query else "")
         lines = [f"{req.method} {target_path} HTTP/1.1\r\n"]
         lines.extend(f"{k}: {v}\r\n" for k, v in out_headers)
         if req.body or req.method in ("POST", "PUT", "PATCH"):
             lines.append(f"content-length: {len(req.body)}\r\n")
-        lines.append("\r\n")
-        payload = "".join(lines).encode("latin-1") + req.body
+        head_bytes = "".join(lines).encode("latin-1")
+        payload = head_bytes + trace + b"\r\n" + req.body
+        per_attempt = rec is not None and rec.sampled
 
         started = time.monotonic()
         deadline = started + (d.timeout or DEFAULT_REQUEST_TIMEOUT)
@@ -490,6 +550,10 @@ class L7Router:
             if pick is None:
                 return self._reply(down, req, dest, 503, last_error)
             inst = pick_instance(pick.instances, lb, self.lb_state, self.rng, key, pick.target.id)
+            if rec is not None:
+                rec.address = f"{inst.address}:{inst.port}"
+                if per_attempt:
+                    payload = head_bytes + rec.attempt(pick.target, inst, attempt) + b"\r\n" + req.body
             try:
                 conn, reused = await self.pool.acquire(inst, pick.target, min(pick.target.connect_timeout, remaining))
             except UpstreamError as exc:
@@ -497,15 +561,21 @@ class L7Router:
                 self.ejected[inst.id] = time.monotonic() + EJECTION_TIME
                 self.stats.inc("upstream_connect_errors", upstream=dest)
                 log.warning("upstream %s: %s %s: %s", dest, pick.target.id, inst.id, exc)
+                if rec is not None:
+                    rec.attempt_end(0, last_error)
                 if should_retry(d.retry, attempt, connect_failure=True):
                     attempt += 1
                     self.stats.inc("upstream_rq_retry", upstream=dest)
+                    if rec is not None:
+                        rec.retries = attempt
                     continue
                 if free_retries > 0 and (pick.failover or len(pick.instances) > 1 or len(d.resolver.targets) > 1):
                     free_retries -= 1  # another instance or a failover target may serve
                     continue
                 return self._reply(down, req, dest, 503, last_error)
             self.lb_state.inflight[inst.id] = self.lb_state.inflight.get(inst.id, 0) + 1
+            if rec is not None:
+                rec.connected(conn.peer_id)
             try:
                 conn.start(payload, req.method == "HEAD")
                 assert conn.head is not None
@@ -514,15 +584,21 @@ class L7Router:
                     await conn.head
                 except TimeoutError:
                     conn.abort()
+                    if rec is not None:
+                        rec.attempt_end(0, "upstream request timeout")
                     return self._reply(down, req, dest, 504, "upstream request timeout")
                 except UpstreamError as exc:
                     last_error = str(exc)
+                    if rec is not None:
+                        rec.attempt_end(0, last_error)
                     if reused and not conn.received and free_retries > 0:
                         free_retries -= 1
                         continue
                     if should_retry(d.retry, attempt, reset=True):
                         attempt += 1
                         self.stats.inc("upstream_rq_retry", upstream=dest)
+                        if rec is not None:
+                            rec.retries = attempt
                         continue
                     # Envoy's answer to a reset before headers (e.g. the far sidecar's intention
                     # closed the connection) is a 503, not a 502.
@@ -533,10 +609,16 @@ class L7Router:
                 if should_retry(d.retry, attempt, status=status):
                     attempt += 1
                     self.stats.inc("upstream_rq_retry", upstream=dest)
+                    if rec is not None:
+                        rec.attempt_end(status)
+                        rec.retries = attempt
                     await self._discard(conn, deadline)
                     continue
                 self.stats.inc("upstream_rq", upstream=dest, code=str(status))
                 self.stats.inc("upstream_rq_target", upstream=dest, target=pick.target.id)
+                if rec is not None:
+                    rec.status = status
+                    rec.attempt_end(status)
                 return await self._relay(down, req, conn, d.response_headers, set_cookie, deadline)
             finally:
                 self.lb_state.inflight[inst.id] -= 1
@@ -584,15 +666,22 @@ class L7Router:
                 self.pool.release(conn)
             return keep
         encode: Callable[[bytes], bytes] = _chunk if chunked else _same
+        rec = down.rec
         if conn.done.done():  # the whole response is here already: one write
             body = b"".join(conn.chunks)
+            if rec is not None:
+                rec.sent = len(body)
             transport.write(head + (encode(body) if body else b"") + (b"0\r\n\r\n" if chunked else b""))
             self.pool.release(conn)
             return keep
         transport.write(head + b"".join(encode(c) for c in conn.chunks if c))
+        if rec is not None:
+            rec.sent = sum(len(c) for c in conn.chunks)
 
         def sink(chunk: bytes) -> None:
             if chunk:
+                if rec is not None:
+                    rec.sent += len(chunk)
                 transport.write(encode(chunk))
                 if down.can_write is not None and conn.transport is not None:
                     conn.transport.pause_reading()  # the app reads slower than the upstream sends
@@ -611,3 +700,65 @@ class L7Router:
         conn.sink = None
         self.pool.release(conn)
         return keep
+
+
+class _OutReq:
+    """One traced or access-logged request on an http upstream: its attempts' spans and its log fields."""
+
+    __slots__ = ("tracer", "ctx", "sampled", "trace_id", "span_id", "started", "method", "path", "received",
+                 "upstream", "route", "split", "status", "error", "retries", "sent", "address", "peer_id",
+                 "try_span")
+
+    def __init__(self, tracer: Tracer | None, ctx: TraceContext | None, span_id: str | None, req: _Request,
+                 path: str, upstream: str, d: Any) -> None:
+        self.tracer = tracer
+        self.ctx = ctx
+        self.sampled = tracer is not None and ctx is not None and ctx.sampled
+        self.trace_id = ctx.trace_id or None if ctx is not None else None
+        self.span_id = span_id
+        self.started = time.monotonic()
+        self.method = req.method
+        self.path = path
+        self.received = len(req.body)
+        self.upstream = upstream
+        self.route = route_label(d.route)
+        self.split = d.resolver.name
+        self.status = 0
+        self.error = ""
+        self.retries = 0
+        self.sent = 0
+        self.address = ""
+        self.peer_id = ""
+        self.try_span: Span | None = None
+
+    def attempt(self, target: Any, inst: Instance, attempt: int) -> bytes:
+        """Start one try's CLIENT span; returns its context as header lines."""
+        assert self.tracer is not None and self.ctx is not None
+        self.attempt_end(0, "superseded")  # defensive: a try that was not ended
+        span = self.tracer.start(f"outbound {target.service}", CLIENT, self.ctx, {
+            ATTR_SERVICE: self.tracer.service, ATTR_PROXY: "sidecar", ATTR_UPSTREAM: self.upstream,
+            ATTR_ROUTE: self.route, ATTR_SPLIT_TARGET: self.split, ATTR_TARGET: target.id, ATTR_INSTANCE: inst.id,
+            "server.address": self.address, ATTR_ATTEMPT: attempt})
+        self.try_span = span
+        self.span_id = span.span_id
+        return span.header_bytes()
+
+    def connected(self, peer_id: str) -> None:
+        self.peer_id = peer_id
+        if self.try_span is not None and peer_id:
+            self.try_span.attrs[ATTR_PEER_SPIFFE_ID] = peer_id
+
+    def attempt_end(self, status: int, error: str = "") -> None:
+        span = self.try_span
+        if span is not None:
+            self.try_span = None
+            span.end(status=status, error=error, attrs={ATTR_RETRY_COUNT: self.retries})
+
+    def finish(self, obs: Observer, down: HTTPOutbound) -> None:
+        self.attempt_end(0, "request ended before the upstream answered")  # cancelled mid-try
+        if obs.access_log is not None:
+            obs.access_log.row(self.started, (
+                self.trace_id, self.span_id, "sidecar", obs.service, self.upstream, self.route, self.split,
+                self.address or None, self.method, self.path, self.status,
+                round((time.monotonic() - self.started) * 1000, 3), self.received, self.sent, self.retries, None,
+                down.peer, self.peer_id or None))

@@ -20,6 +20,7 @@ from lictor.agent.proxy.authz import Authorizer
 from lictor.agent.proxy.config import HTTP_PROTOCOLS, ProxySpec, UpstreamSpec, parse_registration
 from lictor.agent.proxy.inbound import InboundListener
 from lictor.agent.proxy.l7 import ChainWatcher, L7Router
+from lictor.agent.proxy.observe import Observer
 from lictor.agent.proxy.outbound import Upstream, endpoints_from_health
 from lictor.agent.proxy.state import ProxyState
 from lictor.agent.proxy.tls import TLSMaterial, client_context, server_context
@@ -45,7 +46,8 @@ class SidecarProxy:
 
     def __init__(self, http_addr: str, sidecar_for: str | None = None, *, proxy_id: str | None = None,
                  metrics_port: int | None = None, default_intention_policy: str | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, otlp_endpoint: str | None = None,
+                 trace_sample_ratio: float | None = None, access_log: str | None = None) -> None:
         if not sidecar_for and not proxy_id:
             raise ProxyError("either -sidecar-for or -proxy-id is required")
         self.http_addr = http_addr
@@ -66,6 +68,9 @@ class SidecarProxy:
         self.started_at = time.time()
         self.chains: ChainWatcher | None = None  # discovery chains of http upstreams
         self.l7: L7Router | None = None
+        # Tracing / access-log flags; None = take the registration's Proxy.Config (managed proxies)
+        self._observe_flags = (otlp_endpoint, trace_sample_ratio, access_log)
+        self.obs: Observer | None = None
 
     # -- startup --------------------------------------------------------------------------------
 
@@ -120,6 +125,10 @@ class SidecarProxy:
         self.proxy_id = spec.proxy_id
         state = self.state = ProxyState(spec, Authorizer(spec.destination_name, default_allow), datacenter=dc)
         dest = spec.destination_name
+        obs = Observer(dest, spec.observe.merged(*self._observe_flags))
+        if obs.active:
+            self.obs = state.obs = obs
+            log.info("proxy %s: %s", spec.proxy_id, obs.describe())
 
         ready = {k: asyncio.Event() for k in ("roots", "leaf", "intentions", "protocol")}
         c = self.client
@@ -132,6 +141,7 @@ class SidecarProxy:
         self._spawn(follow_index(c, f"/v1/config/service-defaults/{dest}", {}, self._apply_protocol,
                                  ready=ready["protocol"], allow_404=True, what="service-defaults"), "protocol")
         self.l7 = L7Router(state.stats)
+        self.l7.obs = state.obs
         self.chains = ChainWatcher(c, dc)
         self.chains.start()
         ready.update({f"config {k}": e for k, e in self.chains.ready.items()})
@@ -222,6 +232,8 @@ class SidecarProxy:
         self.state.spec = spec  # local app address/port apply to the next connection
         if spec.port != old.port:
             log.warning("inbound port changed %d -> %d: restart the proxy to rebind", old.port, spec.port)
+        if spec.observe != old.observe:
+            log.warning("Proxy.Config tracing / access-log settings changed: restart the proxy to apply them")
         if spec.upstreams != old.upstreams:
             await self._apply_upstreams(spec.upstreams)
 
@@ -283,6 +295,7 @@ class SidecarProxy:
             "ActiveRootID": (self._roots or {}).get("ActiveRootID"),
             "Upstreams": [u.snapshot() for u in self.upstreams.values()],
             "Counters": state.stats.as_json(),
+            "Observability": self.obs.stats() if self.obs is not None else {},
         }
 
     async def _serve_admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -331,6 +344,8 @@ class SidecarProxy:
             await self.inbound.stop()
         if self._metrics is not None:
             self._metrics.close()
+        if self.obs is not None:
+            await asyncio.to_thread(self.obs.close)  # the last spans and log lines go out
         await self.client.close()
         self._stopped.set()
 
@@ -347,10 +362,15 @@ def _is_ip(value: str) -> bool:
 
 async def run_proxy(http_addr: str, sidecar_for: str | None, *, proxy_id: str | None = None,
                     metrics_port: int | None = None, default_intention_policy: str | None = None,
-                    token: str | None = None, stop: asyncio.Event | None = None) -> None:
-    """Run a sidecar until `stop` is set (or the task is cancelled). Prints one ready line."""
+                    token: str | None = None, stop: asyncio.Event | None = None, otlp_endpoint: str | None = None,
+                    trace_sample_ratio: float | None = None, access_log: str | None = None) -> None:
+    """Run a sidecar until `stop` is set (or the task is cancelled). Prints one ready line.
+
+    `otlp_endpoint`, `trace_sample_ratio`, `access_log`: None takes the registration's Proxy.Config.
+    """
     proxy = SidecarProxy(http_addr, sidecar_for, proxy_id=proxy_id, metrics_port=metrics_port,
-                         default_intention_policy=default_intention_policy, token=token)
+                         default_intention_policy=default_intention_policy, token=token,
+                         otlp_endpoint=otlp_endpoint, trace_sample_ratio=trace_sample_ratio, access_log=access_log)
     try:
         await proxy.start()
         assert proxy.state is not None and proxy.inbound is not None

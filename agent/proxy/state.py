@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from lictor.agent.proxy.authz import Authorizer
 from lictor.agent.proxy.config import ProxySpec
+from lictor.agent.proxy.observe import Observer
 from lictor.agent.proxy.stats import Stats
 
 __all__ = ["ProxyState"]
@@ -23,3 +24,4 @@ class ProxyState:
     server_ctx: ssl.SSLContext | None = None
     client_ctx: ssl.SSLContext | None = None
     stats: Stats = field(default_factory=Stats)
+    obs: Observer | None = None  # traces / access logs; None when both are off
