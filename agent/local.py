@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import socket
 import ssl
 import time
 import uuid
@@ -532,7 +533,16 @@ class LocalAgent:
     # -- registration (shared by the API and config files) -----------------------------------
 
     def _used_ports(self) -> set[int]:
-        return {s.get("Port", 0) for s in self.services.values() if s.get("Kind") == "connect-proxy"}
+        """Sidecar ports taken: by our registrations, and by anything already listening on them."""
+        used = {s.get("Port", 0) for s in self.services.values() if s.get("Kind") == "connect-proxy"}
+        for port in range(21000, 21256):
+            if port in used:
+                continue
+            if not _port_is_free(port):
+                used.add(port)
+                continue
+            break  # the lowest free port is found; allocation takes it
+        return used
 
     async def register_service(self, reg: ServiceRegistration, replace_existing_checks: bool = False, source: str = "api") -> None:
         async with self._lock:
@@ -700,6 +710,15 @@ class LocalAgent:
 
     async def members(self) -> list[dict[str, Any]]:
         return await self.backend.members()
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _content_hash(service: dict[str, Any]) -> str:

@@ -8,8 +8,10 @@ if it exits, and terminated when the agent stops.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -17,6 +19,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("lictor.managed")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the agent dies, even by SIGKILL (Linux).
+
+    Without it a killed agent leaves its proxies running, holding their ports, serving stale
+    certificates to whoever connects.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux/glibc: the agent's own shutdown still stops its children
+        pass
 
 
 @dataclass
@@ -48,7 +63,7 @@ class ManagedProxies:
         with open(path, "ab") as out:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "lictor.agent.proxy", "-proxy-id", sid, "-http-addr", self.http_addr,
-                stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,
+                stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent,
             )
         self.children[sid] = Child(proc, time.monotonic(), failures, path)
         log.info("started managed proxy %s (pid %d, log %s)", sid, proc.pid, path)
