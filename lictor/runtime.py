@@ -184,8 +184,9 @@ class Agent:
         await attach_local_agent(self)
 
     async def close(self) -> None:
-        if self.server is not None and self.server.log is not None:
-            self.server.log.feed.close()  # parked blocking queries answer instead of being cancelled
+        from lictor.registry.raft import ChangeFeed
+
+        ChangeFeed.close_all()  # parked blocking queries answer instead of being cancelled
         for extra in reversed(self.extras):
             try:
                 await extra.stop()

@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,8 @@ class ChangeFeed:
     per loop iteration so a write storm cannot flood the loop with callbacks.
     """
 
+    _instances: weakref.WeakSet[ChangeFeed] = weakref.WeakSet()
+
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.generation = 0
@@ -70,6 +73,13 @@ class ChangeFeed:
         self._waiters: list[asyncio.Future[None]] = []
         self._pending = False
         self._lock = threading.Lock()
+        ChangeFeed._instances.add(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        """At shutdown: every feed in the process (catalog, leaf cache, ...) releases its waiters."""
+        for feed in list(cls._instances):
+            feed.close()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -102,7 +112,12 @@ class ChangeFeed:
 
     async def wait(self, generation: int, timeout: float) -> None:
         """Return when anything changed after `generation` was read, or after `timeout`."""
-        if self.generation != generation or timeout <= 0 or self.closed:
+        if self.closed:
+            # Shutting down: nothing will change any more. Sleep rather than return, so that a
+            # loop around wait() still yields and can be cancelled.
+            await asyncio.sleep(timeout)
+            return
+        if self.generation != generation or timeout <= 0:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
