@@ -104,6 +104,9 @@ class TraceContext:
     def from_headers(cls, headers: Mapping[str, str] | Iterable[tuple[Any, Any]]) -> TraceContext | None:
         """W3C first (traceparent + tracestate), else B3 single (`b3`), else B3 multi (`X-B3-*`).
 
+        When a valid traceparent comes with B3 headers too, the W3C ids win and B3 is re-injected (in
+        the form it came in) with them.
+
         `headers`: a mapping with lower-case names (repeated values comma-joined), or raw (name, value)
         pairs as str or bytes.
         """
@@ -115,6 +118,11 @@ class TraceContext:
                 ts = h.get("tracestate")
                 if ts:
                     ctx.tracestate = ts.strip()[:512]  # passed on untouched; bounded like W3C suggests
+                # B3 beside W3C (a hop that injects both): re-inject B3 too, or a B3-only app loses the trace
+                if "b3" in h:
+                    ctx.b3 = "single"
+                elif "x-b3-traceid" in h:
+                    ctx.b3 = "multi"
                 return ctx
         b3 = h.get("b3")
         if b3 is not None:

@@ -115,7 +115,7 @@ class _ObservedApp(_AppSide):
 
     def on_headers_complete(self) -> None:
         self.status = self.rparser.get_status_code()
-        pending = self.conn._pending
+        pending = self.conn._inflight
         if self.status >= 200 and pending and (pending[0] is _HEAD or (
                 isinstance(pending[0], _InReq) and pending[0].method == "HEAD")):
             self.conn._response_done(self.status, 0)  # no body follows, whatever the headers say
@@ -198,7 +198,7 @@ class InboundHTTPConn(InboundConn):
     """
 
     __slots__ = ("parser", "_url", "_headers", "_allowed", "_chunked", "_denied", "_raw", "_forwarded",
-                 "_deny_body", "_deny_timer", "_obs", "_pending", "_cur", "_down_addr")
+                 "_deny_body", "_deny_timer", "_obs", "_inflight", "_cur", "_down_addr")
 
     def __init__(self, listener: InboundListener) -> None:
         super().__init__(listener)
@@ -216,7 +216,7 @@ class InboundHTTPConn(InboundConn):
         self._obs = obs if obs is not None and obs.active else None
         # Forwarded requests awaiting their response, in order: an _InReq when traced or logged, else
         # None (_HEAD for a HEAD), so the app's responses pair with their requests.
-        self._pending: collections.deque[Any] = collections.deque()
+        self._inflight: collections.deque[Any] = collections.deque()
         self._cur: _InReq | None = None  # the request whose body is arriving
         self._down_addr = ""
 
@@ -265,22 +265,22 @@ class InboundHTTPConn(InboundConn):
                 self._log(_InReq(None, trace_id, span_id, method, path), 403, 0, "deny")
             return None
         if span is None and obs.access_log is None:
-            self._pending.append(_HEAD if method == "HEAD" else None)
+            self._inflight.append(_HEAD if method == "HEAD" else None)
             self._cur = None
             return hdr
         rec = self._cur = _InReq(span, trace_id, span_id, method, path)
-        self._pending.append(rec)
+        self._inflight.append(rec)
         return hdr
 
     def _response_done(self, status: int, sent: int) -> None:
-        if self._pending:
-            rec = self._pending.popleft()
+        if self._inflight:
+            rec = self._inflight.popleft()
             if rec is not None and rec is not _HEAD:
                 self._finish(rec, status, sent)
 
     def _flush_pending(self) -> None:
-        while self._pending:
-            rec = self._pending.popleft()
+        while self._inflight:
+            rec = self._inflight.popleft()
             if rec is not None and rec is not _HEAD:
                 self._finish(rec, 0, 0, "connection closed before the app answered")
 
@@ -295,7 +295,7 @@ class InboundHTTPConn(InboundConn):
         assert obs is not None and obs.access_log is not None
         spec = self.listener.state.spec
         obs.access_log.row(rec.started, (
-            rec.trace_id, rec.span_id, "sidecar", self.source, spec.destination_name, None, None,
+            rec.trace_id, rec.span_id, "sidecar", self.source.rpartition("/")[2], spec.destination_name, None, None,
             f"{spec.local_address}:{spec.local_port}", rec.method, rec.path.partition("?")[0], status,
             round((time.monotonic() - rec.started) * 1000, 3), rec.received, sent, None, intention,
             self._down_addr, self.uri))

@@ -59,7 +59,12 @@ def test_future_version_reads_the_known_fields() -> None:
 def test_from_headers_prefers_w3c_and_keeps_tracestate() -> None:
     ctx = TraceContext.from_headers({"traceparent": f"00-{TID}-{SID}-01", "tracestate": "a=1,b=2",
                                      "b3": f"{'1' * 32}-{'2' * 16}-1"})
-    assert ctx is not None and ctx.trace_id == TID and ctx.tracestate == "a=1,b=2" and ctx.b3 == ""
+    assert ctx is not None and ctx.trace_id == TID and ctx.tracestate == "a=1,b=2"
+    assert ctx.b3 == "single"  # W3C ids win; B3 is passed on too (in its own form) with them
+    assert [k for k, _ in ctx.headers()] == ["traceparent", "tracestate", "b3"]
+    assert TraceContext.from_headers({"traceparent": f"00-{TID}-{SID}-01"}).b3 == ""  # type: ignore[union-attr]
+    multi = TraceContext.from_headers({"traceparent": f"00-{TID}-{SID}-01", "x-b3-traceid": "1" * 32})
+    assert multi is not None and multi.b3 == "multi" and multi.trace_id == TID
 
 
 def test_from_headers_raw_pairs_bytes_and_str() -> None:

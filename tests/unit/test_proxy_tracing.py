@@ -1,0 +1,188 @@
+"""The sidecar's inbound http listener with tracing and an access log on, in process: spans start
+under the caller's context after the intention decision, the app sees the span's context, responses
+(pipelined too) end their spans with their status, denials end with 403 (issue #7)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from lictor.agent.proxy.authz import Authorizer
+from lictor.agent.proxy.balancer import Endpoint
+from lictor.agent.proxy.config import ProxySpec, UpstreamSpec
+from lictor.agent.proxy.inbound import InboundListener
+from lictor.agent.proxy.observe import Observer, ObserveSettings, settings_from_config
+from lictor.agent.proxy.outbound import Upstream
+from lictor.agent.proxy.state import ProxyState
+from lictor.agent.proxy.tls import TLSMaterial, client_context, server_context
+from lictor.registry import ca
+from lictor.tracing import SERVER, MemoryExporter, Tracer
+
+TD = "11111111-2222-3333-4444-555555555555.consul"
+NOW = datetime.now(UTC)
+ROOT = ca.generate_root(TD, now=NOW)
+
+
+def material(service: str) -> TLSMaterial:
+    leaf = ca.sign_leaf(ROOT, service, TD, "dc1", NOW, ttl_seconds=3600)
+    return TLSMaterial(leaf.CertPEM, leaf.PrivateKeyPEM, (ROOT.RootCert,), TD)
+
+
+def _spec(name: str, app_port: int) -> ProxySpec:
+    return ProxySpec(f"{name}-sidecar-proxy", name, name, 0, "127.0.0.1", "127.0.0.1", app_port, ())
+
+TID = "0af7651916cd43dd8448eb211c80319c"
+SID = "b7ad6b7169203331"
+
+
+async def _app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each request with its traceparent as the body; /teapot gets 418, HEAD gets no body."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            method, path = lines[0].split()[:2]
+            hdrs = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+            length = int(hdrs.get("content-length", "0"))
+            if length:
+                await reader.readexactly(length)
+            body = hdrs.get("traceparent", "-").encode()
+            status = b"418" if path == "/teapot" else b"200"
+            writer.write(b"HTTP/1.1 %b X\r\ncontent-length: %d\r\n\r\n%b"
+                         % (status, len(body), b"" if method == "HEAD" else body))
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+class Env:
+    def __init__(self, exporter: MemoryExporter, log: Path, port: int, observer: Observer) -> None:
+        self.exporter, self.log, self.port, self.observer = exporter, log, port, observer
+
+    async def request(self, raw: bytes, responses: int = 1, no_body: tuple[int, ...] = ()) -> list[bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(raw)
+        out = []
+        for i in range(responses):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(next(x.split(b": ")[1] for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")))
+            body = await asyncio.wait_for(reader.readexactly(length), 10) if i not in no_body else b""
+            out.append(head.split(b"\r\n")[0] + b"|" + body)
+        writer.close()
+        return out
+
+    def lines(self) -> list[dict]:
+        assert self.observer.access_log is not None and self.observer.access_log.flush(5)
+        return [json.loads(x) for x in self.log.read_text().splitlines()]
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    app = await asyncio.start_server(_app, "127.0.0.1", 0)
+    srv_mat = material("api")
+    observer = Observer("api", ObserveSettings(access_log=str(tmp_path / "access.jsonl")))
+    exporter = MemoryExporter()
+    observer.tracer = Tracer("api", exporter, 1.0)
+    authz = Authorizer("api")
+    authz.replace([{"SourceName": "web", "SourceNS": "default", "DestinationName": "api", "DestinationNS": "default",
+                   "Action": "", "Precedence": 9, "Permissions": [
+        {"Action": "deny", "HTTP": {"PathPrefix": "/forbidden"}}, {"Action": "allow", "HTTP": {"PathPrefix": "/"}}]}])
+    state = ProxyState(_spec("api", app.sockets[0].getsockname()[1]), authz, trust_domain=TD,
+                       own_uri=f"spiffe://{TD}/ns/default/dc/dc1/svc/api", l7=True,
+                       server_ctx=server_context(srv_mat), client_ctx=client_context(srv_mat), obs=observer)
+    inbound = InboundListener(state, "127.0.0.1", 0)
+    await inbound.start()
+    cli_mat = material("web")
+    client_state = ProxyState(_spec("web", 1), Authorizer("web"), trust_domain=TD,
+                              server_ctx=server_context(cli_mat), client_ctx=client_context(cli_mat))
+    upstream = Upstream(client_state, UpstreamSpec("api", "127.0.0.1", 0, connect_timeout=2.0))
+    await upstream.start()
+    assert upstream.server is not None
+    upstream.set_endpoints([Endpoint("127.0.0.1", inbound.port, "api")])
+    try:
+        yield Env(exporter, tmp_path / "access.jsonl", upstream.server.sockets[0].getsockname()[1], observer)
+    finally:
+        await upstream.stop()
+        await inbound.stop()
+        observer.close()
+        app.close()
+
+
+async def test_inbound_span_continues_the_callers_trace(env: Env) -> None:
+    (resp,) = await env.request(f"GET /a?b=1 HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{TID}-{SID}-01\r\n"
+                                f"tracestate: k=v\r\n\r\n".encode())
+    status, seen = resp.split(b"|")
+    assert b" 200 " in status
+    (span,) = env.exporter.spans
+    assert span.kind == SERVER and span.name == "inbound api" and span.trace_id == TID and span.parent_id == SID
+    assert seen.decode() == f"00-{TID}-{span.span_id}-01"  # the app sees our span, not the caller's
+    a = span.attrs
+    assert a["service"] == "api" and a["lictor.intention"] == "allow" and a["url.path"] == "/a"
+    assert a["peer.spiffe_id"].endswith("/svc/web") and a["http.response.status_code"] == 200
+    (line,) = env.lines()
+    assert line["trace_id"] == TID and line["span_id"] == span.span_id and line["intention"] == "allow"
+    assert line["source"] == "web" and line["destination"] == "api" and line["status"] == 200
+    assert line["bytes_sent"] == len(seen) and line["path"] == "/a"
+
+
+async def test_pipelined_requests_pair_with_their_responses(env: Env) -> None:
+    raw = (b"GET /one HTTP/1.1\r\nhost: x\r\n\r\n"
+           b"POST /teapot HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc"
+           b"HEAD /two HTTP/1.1\r\nhost: x\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    writer.write(raw)
+    statuses = []
+    for i in range(3):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        statuses.append(head.split()[1])
+        if i < 2:
+            await reader.readexactly(int(head.split(b"content-length: ")[1].split(b"\r\n")[0]))
+    assert statuses == [b"200", b"418", b"200"]
+    # after a HEAD (its response has a content-length and no body) the connection is still observed
+    writer.write(b"GET /three HTTP/1.1\r\nhost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    await reader.readexactly(int(head.split(b"content-length: ")[1].split(b"\r\n")[0]))
+    writer.close()
+    by_path = {s.attrs["url.path"]: s for s in env.exporter.spans}
+    assert {p: s.attrs["http.response.status_code"] for p, s in by_path.items()} == {
+        "/one": 200, "/two": 200, "/teapot": 418, "/three": 200}
+    assert len({s.trace_id for s in by_path.values()}) == 4  # no context: each starts a trace
+    lines = {x["path"]: x for x in env.lines()}
+    assert lines["/teapot"]["bytes_received"] == 3 and lines["/teapot"]["status"] == 418
+    assert lines["/two"]["bytes_sent"] == 0 and lines["/one"]["bytes_sent"] == 55  # the traceparent the app saw
+
+
+async def test_denied_request_ends_with_403(env: Env) -> None:
+    (resp,) = await env.request(f"GET /forbidden HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{TID}-{SID}-01\r\n\r\n"
+                                .encode())
+    assert b" 403 " in resp
+    (span,) = env.exporter.spans
+    assert span.attrs["http.response.status_code"] == 403 and span.attrs["lictor.intention"] == "deny"
+    assert span.error == "denied by intention"
+    (line,) = env.lines()
+    assert line["intention"] == "deny" and line["status"] == 403 and line["trace_id"] == TID
+
+
+async def test_unsampled_caller_is_passed_on_and_not_recorded(env: Env) -> None:
+    (resp,) = await env.request(f"GET / HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{TID}-{SID}-00\r\n\r\n".encode())
+    seen = resp.split(b"|")[1].decode()
+    assert seen.startswith(f"00-{TID}-") and seen.endswith("-00") and SID not in seen
+    assert env.exporter.spans == []
+    (line,) = env.lines()
+    assert line["trace_id"] == TID and line["status"] == 200
+
+
+def test_settings_from_proxy_config_and_flags() -> None:
+    s = settings_from_config({"otlp_endpoint": "http://c:4318", "trace_sample_ratio": "0.25", "access_log": "-"})
+    assert s == ObserveSettings("http://c:4318", 0.25, "-")
+    assert settings_from_config(None) == ObserveSettings()
+    assert settings_from_config({"trace_sample_ratio": "x"}).trace_sample_ratio == 1.0
+    assert s.merged(None, None, None) == s
+    assert s.merged("", 1.0, None) == ObserveSettings("", 1.0, "-")  # flags win, "" turns it off
