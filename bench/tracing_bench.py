@@ -1,4 +1,4 @@
-"""Gateway throughput with tracing + access log on vs off, same run, same upstream (issue #7).
+"""Gateway and sidecar-pair throughput with tracing + access log on vs off, same run (issue #7).
 
 Topology (everything on 127.0.0.1):
 
@@ -7,15 +7,19 @@ Topology (everything on 127.0.0.1):
     wrk -c50 ──► gateway "gw-tenth"(-otlp-endpoint, ratio 0.1, -access-log FILE)    ══mTLS══╝    (mTLS, "hello")
                  gw-on / gw-tenth ──► OTLP sink (nginx answering 200 to POST /v1/traces)
 
-All three gateways run for the whole benchmark; wrk loads one at a time, round-robin over the runs,
-so box noise hits each variant alike. Prometheus metrics are always on in the gateway (not
+Sidecar pairs (`--target sidecar` or `both`, the default), one pair per variant, same flags on both:
+
+    wrk -c50 ──► web-N sidecar (http upstream, L7) ══mTLS══► api-N sidecar (inbound, L7) ──► nginx (plain)
+
+All gateways and pairs run for the whole benchmark; wrk loads one at a time, round-robin over the runs,
+so box noise hits each variant alike. A pair's CPU is both sidecars' together. Prometheus metrics are always on in the gateway (not
 switchable), so "off" means no spans and no access log. Reports, per variant, median req/s and the
 gateway process's CPU time per request (utime+stime from /proc over each wrk run, exporter and
 access-log threads included). On a shared, busy 2-vCPU box req/s swings with other tenants' load;
 CPU per request does not, and for a single-threaded, CPU-bound proxy throughput is its inverse, so
 the cost is judged on CPU/request (req/s is printed alongside). The issue's goal is <= 10 %.
 
-    python bench/tracing_bench.py [--runs 3] [--duration 10] [--connections 50]
+    python bench/tracing_bench.py [--runs 3] [--duration 10] [--connections 50] [--target gateway|sidecar|both]
 
 Installs wrk and nginx with apt-get when missing.
 """
@@ -71,6 +75,7 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     location /v1/traces {{ default_type application/json; return 200 "{{}}"; }}
+    location / {{ default_type text/plain; return 200 "hello world\\n"; }}  # the sidecars' app
   }}
 }}
 """)
@@ -80,7 +85,9 @@ http {{
     return proc
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int | list[int]) -> float:
+    if isinstance(pid, list):
+        return sum(cpu_seconds(p) for p in pid)
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
@@ -96,6 +103,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--target", choices=["gateway", "sidecar", "both"], default="both")
     args = ap.parse_args()
     ensure_tools()
     root = Path(tempfile.mkdtemp(prefix="lictor-trace-bench-"))
@@ -125,8 +133,9 @@ def main() -> int:
             "Connect": {"Native": True}}).status_code == 200
 
         gateways: dict[str, tuple[int, int]] = {}  # variant -> (port, metrics port)
-        pids: dict[str, int] = {}
-        for i, (variant, extra) in enumerate(VARIANTS.items()):
+        pids: dict[str, int | list[int]] = {}
+        targets: dict[str, tuple[str, str | None]] = {}  # variant -> (url, host header)
+        for i, (variant, extra) in enumerate(VARIANTS.items() if args.target != "sidecar" else ()):
             name = f"gw-{i}"
             port, metrics_port = free_ports(2)
             assert agent.put("/v1/config", json={"Kind": "ingress-gateway", "Name": name, "Listeners": [
@@ -141,16 +150,41 @@ def main() -> int:
                 stdout=log, stderr=subprocess.STDOUT))
             gateways[variant] = (port, metrics_port)
             pids[variant] = procs[-1].pid
-        for variant, (port, _) in gateways.items():
-            wait_until(lambda p=port: httpx.get(f"http://127.0.0.1:{p}/", headers={"host": HOST}, timeout=2)
-                       .status_code == 200, 30, 0.2, f"gateway {variant}")
-            wrk(f"http://127.0.0.1:{port}/", args.connections, 1, HOST)  # warm-up: pools, TLS sessions
+            targets[variant] = (f"http://127.0.0.1:{port}/", HOST)
+        for i, (variant, extra) in enumerate(VARIANTS.items() if args.target != "gateway" else ()):
+            flags = [f.format(sink=sink_port, root=root).replace(".jsonl", "-SID.jsonl") for f in extra]
+            api, web = f"api-{i}", f"web-{i}"
+            up_local, api_sidecar, web_sidecar = free_ports(3)
+            assert agent.put("/v1/config", json={"Kind": "service-defaults", "Name": api, "Protocol": "http"}).json()
+            for sid, port, sidecar_port, upstreams in ((api, sink_port, api_sidecar, []),
+                                                       (web, 1, web_sidecar, [{"DestinationName": api,
+                                                                               "LocalBindPort": up_local}])):
+                assert agent.put("/v1/agent/service/register", json={
+                    "ID": sid, "Name": sid, "Port": port, "Connect": {"SidecarService": {
+                        "Port": sidecar_port, "Proxy": {"Upstreams": upstreams}, "Checks": [
+                            {"Name": "listening", "TCP": f"127.0.0.1:{sidecar_port}", "Interval": "1s"}]}}}
+                ).status_code == 200
+            pair = []
+            for sid in (api, web):
+                log = open(root / f"sidecar-{sid}.log", "wb")  # noqa: SIM115 - the child owns it
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "lictor.agent.proxy", "-sidecar-for", sid, "-http-addr", agent.http_addr,
+                     "-log-level", "warning", *[f.replace("SID", sid) for f in flags]],
+                    stdout=log, stderr=subprocess.STDOUT))
+                pair.append(procs[-1].pid)
+            name = f"sidecar pair {variant}"
+            pids[name] = pair
+            targets[name] = (f"http://127.0.0.1:{up_local}/", None)
+        for variant, (url, host) in targets.items():
+            wait_until(lambda u=url, h=host: httpx.get(u, headers={"host": h} if h else {}, timeout=2)
+                       .status_code == 200, 60, 0.3, variant)
+            wrk(url, args.connections, 1, host)  # warm-up: pools, TLS sessions
 
-        results: dict[str, list[dict[str, float]]] = {k: [] for k in gateways}
+        results: dict[str, list[dict[str, float]]] = {k: [] for k in targets}
         for run in range(args.runs):
-            for variant, (port, _) in gateways.items():
+            for variant, (url, host) in targets.items():
                 cpu0 = cpu_seconds(pids[variant])
-                r = wrk(f"http://127.0.0.1:{port}/", args.connections, args.duration, HOST)
+                r = wrk(url, args.connections, args.duration, host)
                 time.sleep(0.3)  # the last in-flight batch is encoded on the gateway's clock too
                 r["cpu_us"] = (cpu_seconds(pids[variant]) - cpu0) / (r["rps"] * args.duration) * 1e6
                 results[variant].append(r)
@@ -159,25 +193,26 @@ def main() -> int:
                       flush=True)
         time.sleep(1.5)  # let the exporters' last batches go out before reading their counters
 
-        print(f"\n## gateway tracing on vs off, wrk -t2 -c{args.connections} -d{args.duration}s, "
+        print(f"\n## tracing on vs off, wrk -t2 -c{args.connections} -d{args.duration}s, "
               f"median of {args.runs}, round-robin (nproc={os.cpu_count()})\n")
         print("| variant | CPU us/req (median) | cost vs off (CPU/req) | req/s (median) | req/s runs | "
               "req/s vs off | p50 ms | p99 ms | spans exported / dropped | log lines / dropped |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        base = statistics.median(r["rps"] for r in results["off"])
-        base_cpu = statistics.median(r["cpu_us"] for r in results["off"])
         worst = 0.0
         for variant, runs in results.items():
+            off = "sidecar pair off" if variant.startswith("sidecar pair") else "off"
+            base = statistics.median(r["rps"] for r in results[off])
+            base_cpu = statistics.median(r["cpu_us"] for r in results[off])
             rps = statistics.median(r["rps"] for r in runs)
             med = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
-            m = scrape(gateways[variant][1])
+            m = scrape(gateways[variant][1]) if variant in gateways else {}
             spans = (f"{m.get('lictor_gateway_spans_exported_total', 0):,.0f} / "
                      f"{m.get('lictor_gateway_spans_dropped_total', 0):,.0f}") if m else "-"
             lines = (f"{m.get('lictor_gateway_access_log_lines_total', 0):,.0f} / "
                      f"{m.get('lictor_gateway_access_log_dropped_total', 0):,.0f}") if m else "-"
             cpu = statistics.median(r["cpu_us"] for r in runs)
             cost = cpu / base_cpu - 1
-            if variant != "off":
+            if variant != off:
                 worst = max(worst, cost)
             all_runs = " / ".join(f"{r['rps']:,.0f}" for r in runs)
             print(f"| {variant} | {cpu:,.0f} | {cost:+.1%} | {rps:,.0f} | {all_runs} | {rps / base - 1:+.1%} | "

@@ -81,6 +81,9 @@ from lictor.tracing import (
     Span,
     TraceContext,
     Tracer,
+    header_lines,
+    new_span_id,
+    passthrough_header,
 )
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT", "Gateway", "GatewayConfig", "Snapshot"]
@@ -740,16 +743,25 @@ class Gateway:
     async def handle(self, down: Downstream, req: _Request) -> bool:
         """Serve one request; returns whether the downstream connection stays open."""
         if not self.observing:
-            return await self._handle(down, req, None)
-        obs = _Obs(self, down, req)
+            return await self._handle(down, req, None, None)
+        ctx = TraceContext.from_headers(req.headers)
+        tracer = self.tracer
+        if tracer is not None:
+            ctx = tracer.root(ctx)
+            if not ctx.sampled and self.access_log is None:
+                # Nothing to record: pass the context on under a fresh span id, no bookkeeping.
+                return await self._handle(down, req, None, passthrough_header(ctx))
+        obs = _Obs(self, down, req, ctx)
         down.obs = obs
         try:
-            return await self._handle(down, req, obs)
+            return await self._handle(down, req, obs, obs.trace)
         finally:
             down.obs = None
             obs.finish()
 
-    async def _handle(self, down: Downstream, req: _Request, obs: _Obs | None) -> bool:
+    async def _handle(self, down: Downstream, req: _Request, obs: _Obs | None, trace: bytes | None) -> bool:
+        """`trace`: the trace header lines every attempt carries (None: headers as received); a sampled
+        request (`obs.span`) gets a span, and a header block, per attempt instead."""
         started = time.monotonic()
         routed = self._route(down, req)
         transport = down.transport
@@ -761,11 +773,12 @@ class Gateway:
                 obs.status = int(routed[9:12])
             return req.keep_alive
         snap, vhost, service, head, d = routed
-        span = obs.routed(service, d) if obs is not None else None
+        span = obs.routed(service, d) if obs is not None else None  # None unless sampled
         lb = d.resolver.load_balancer
         key, set_cookie = (hash_key(lb.hash_policies, head, self.rng) if lb.hash_policies else (None, None))
         # Request headers: hop-by-hop out, then ingress service, route and split changes.
-        skip = _HOP_BY_HOP_AND_TRACE if span is not None else _HOP_BY_HOP  # a traced hop re-injects its own
+        # a traced hop re-injects its own context
+        skip = _HOP_BY_HOP_AND_TRACE if span is not None or trace is not None else _HOP_BY_HOP
         out_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers
                        if k.lower().decode("latin-1") not in skip]
         out_headers = apply_header_mods(apply_header_mods(out_headers, vhost.request_headers), d.request_headers)
@@ -779,7 +792,8 @@ class Gateway:
         if req.body or req.method in ("POST", "PUT", "PATCH"):
             lines.append(f"content-length: {len(req.body)}\r\n")
         head_bytes = "".join(lines).encode("latin-1")
-        payload = head_bytes + b"\r\n" + req.body  # traced: rebuilt per attempt with that attempt's context
+        # sampled: rebuilt per attempt with that attempt's context
+        payload = head_bytes + (trace or b"") + b"\r\n" + req.body
         response_mods: HeaderMods = d.response_headers.then(vhost.response_headers)
 
         timeout = d.timeout or DEFAULT_REQUEST_TIMEOUT
@@ -800,9 +814,10 @@ class Gateway:
             if pick is None:
                 return self._reply_error(down, req, service, started, 503, last_error)
             inst = pick_instance(pick.instances, lb, self.lb_state, self.rng, key, pick.target.id)
-            if span is not None:
-                assert obs is not None
-                payload = head_bytes + obs.attempt(span, pick.target, inst, attempt) + req.body
+            if obs is not None:
+                hdr = obs.attempt(pick.target, inst, attempt)
+                if hdr is not None:
+                    payload = head_bytes + hdr + req.body
             try:
                 idle = self.pool.take_idle(inst, pick.target)
                 if idle is not None:
@@ -961,17 +976,18 @@ class Gateway:
 
 
 class _Obs:
-    """One request's trace spans and access-log fields (only when tracing or access logs are on)."""
+    """One request's trace spans and access-log fields: a sampled or access-logged request only.
 
-    __slots__ = ("gw", "down", "req", "started", "wall", "span", "ctx", "service", "route", "split", "status",
-                 "error", "retries", "bytes_sent", "try_span", "instance", "address", "peer_id")
+    An unsampled request (logged) has no Span: `trace` is its context under a fresh span id."""
 
-    def __init__(self, gw: Gateway, down: Downstream, req: _Request) -> None:
+    __slots__ = ("gw", "down", "req", "started", "span", "trace", "trace_id", "span_id", "service", "route",
+                 "split", "status", "error", "retries", "bytes_sent", "try_span", "instance", "address", "peer_id")
+
+    def __init__(self, gw: Gateway, down: Downstream, req: _Request, ctx: TraceContext | None) -> None:
         self.gw = gw
         self.down = down
         self.req = req
         self.started = time.monotonic()
-        self.wall = time.time()
         self.service = ""
         self.route = ""
         self.split = ""
@@ -983,42 +999,49 @@ class _Obs:
         self.instance = ""
         self.address = ""
         self.peer_id = ""
-        self.ctx = TraceContext.from_headers(req.headers)
         self.span: Span | None = None
+        self.trace: bytes | None = None  # header lines for every attempt (unsampled, traced)
+        self.trace_id = ctx.trace_id or None if ctx is not None else None
+        self.span_id: str | None = None
         tracer = gw.tracer
-        if tracer is not None:
-            self.span = tracer.start("inbound", SERVER, self.ctx)
-            if self.span.sampled:
-                self.span.attrs.update({ATTR_SERVICE: gw.cfg.service, ATTR_PROXY: "gateway",
-                                        ATTR_METHOD: req.method, ATTR_PATH: req.url.decode("latin-1").partition("?")[0],
-                                        ATTR_CLIENT_ADDRESS: down.peer})
+        if tracer is not None and ctx is not None:  # ctx is tracer.root()'s: it has a trace id
+            if ctx.sampled:
+                self.span = span = tracer.start("inbound", SERVER, ctx, {
+                    ATTR_SERVICE: gw.cfg.service, ATTR_PROXY: "gateway", ATTR_METHOD: req.method,
+                    ATTR_PATH: req.url.decode("latin-1").partition("?")[0], ATTR_CLIENT_ADDRESS: down.peer})
+                self.span_id = span.span_id
+            else:
+                self.span_id = new_span_id()
+                self.trace = header_lines(ctx.trace_id, self.span_id, False, ctx.tracestate, ctx.b3)
 
     def routed(self, service: str, d: Any) -> Span | None:
         self.service = service
         self.route = route_label(d.route)
         self.split = d.resolver.name
         span = self.span
-        if span is not None and span.sampled:
+        if span is not None:
             span.name = f"inbound {service}"
             span.attrs.update({ATTR_UPSTREAM: service, ATTR_ROUTE: self.route, ATTR_SPLIT_TARGET: self.split})
         return span
 
-    def attempt(self, span: Span, target: Target, inst: Instance, attempt: int) -> bytes:
-        """Start the span of one upstream try; returns its trace headers, ready for the request head."""
+    def attempt(self, target: Target, inst: Instance, attempt: int) -> bytes | None:
+        """Note one upstream try; sampled: start its span and return its trace headers (+ the blank line)."""
         self.instance = inst.id
         self.address = f"{inst.address}:{inst.port}"
-        child = span.child(f"outbound {target.service}", CLIENT)
-        if child.sampled:
-            child.attrs.update({ATTR_SERVICE: self.gw.cfg.service, ATTR_UPSTREAM: target.service,
-                                ATTR_ROUTE: self.route, ATTR_SPLIT_TARGET: self.split, ATTR_TARGET: target.id,
-                                ATTR_INSTANCE: inst.id, "server.address": self.address, ATTR_ATTEMPT: attempt})
+        span = self.span
+        if span is None:
+            return None
+        child = span.child(f"outbound {target.service}", CLIENT, {
+            ATTR_SERVICE: self.gw.cfg.service, ATTR_UPSTREAM: target.service, ATTR_ROUTE: self.route,
+            ATTR_SPLIT_TARGET: self.split, ATTR_TARGET: target.id, ATTR_INSTANCE: inst.id,
+            "server.address": self.address, ATTR_ATTEMPT: attempt})
         self.try_span = child
         return child.header_bytes() + b"\r\n"
 
     def connected(self, conn: Upstream) -> None:
         self.peer_id = conn.peer_id
         if self.try_span is not None and conn.peer_id:
-            self.try_span.set(ATTR_PEER_SPIFFE_ID, conn.peer_id)
+            self.try_span.attrs[ATTR_PEER_SPIFFE_ID] = conn.peer_id
 
     def attempt_end(self, status: int, error: str = "") -> None:
         if self.try_span is not None:
@@ -1039,19 +1062,13 @@ class _Obs:
                      attrs={ATTR_RETRY_COUNT: self.retries, ATTR_PEER_SPIFFE_ID: self.peer_id or None,
                             ATTR_INSTANCE: self.instance or None})
         if gw.access_log is not None:
-            ctx = span.context if span is not None else self.ctx
-            url = self.req.url.decode("latin-1")
-            gw.access_log.record(self.wall, {
-                "trace_id": ctx.trace_id or None if ctx is not None else None,
-                "span_id": span.span_id if span is not None else None,
-                "proxy": "gateway", "source": gw.cfg.service, "destination": self.service or None,
-                "route": self.route or None, "split_target": self.split or None,
-                "upstream_address": self.address or None, "method": self.req.method,
-                "path": url.partition("?")[0], "status": self.status,
-                "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
-                "bytes_received": len(self.req.body), "bytes_sent": self.bytes_sent, "retries": self.retries,
-                "intention": None,  # the gateway enforces none; the destination's sidecar does
-                "downstream_address": self.down.peer, "peer_spiffe_id": self.peer_id or None})
+            # FIELDS' order; the gateway enforces no intention (the destination's sidecar does)
+            gw.access_log.row(self.started, (
+                self.trace_id, self.span_id, "gateway", gw.cfg.service, self.service or None, self.route or None,
+                self.split or None, self.address or None, self.req.method,
+                self.req.url.decode("latin-1").partition("?")[0], self.status,
+                round((time.monotonic() - self.started) * 1000, 3), len(self.req.body), self.bytes_sent,
+                self.retries, None, self.down.peer, self.peer_id or None))
 
 
 def route_label(route: Any) -> str:
