@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import time
@@ -13,6 +14,12 @@ from hypothesis import strategies as st
 from lictor.dns.resolver import FORWARD, DnsConfig, resolve_wire
 from lictor.dns.server import DnsServer
 from lictor.dns.view import CatalogView
+
+
+def _examples(default: int) -> int:
+    """LICTOR_FUZZ_EXAMPLES=20000 for a long run (docs/fuzzing.md); the small default keeps CI fast."""
+    return int(os.environ.get("LICTOR_FUZZ_EXAMPLES") or default)
+
 
 VIEW = CatalogView.from_snapshot(
     {
@@ -42,13 +49,13 @@ def _run(data: bytes) -> None:
     assert time.perf_counter() - start < 1.0  # bounded time per packet
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=_examples(400), deadline=None)
 @given(st.binary(max_size=600))
 def test_random_bytes(data: bytes) -> None:
     _run(data)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=_examples(200), deadline=None)
 @given(st.binary(min_size=0, max_size=11))
 def test_truncated_header_is_silent(data: bytes) -> None:
     assert resolve_wire(data, VIEW, CFG, random.Random(0)) is None
@@ -59,7 +66,7 @@ def _header(qd: int, an: int = 0, ns: int = 0, ar: int = 0, flags: int = 0x0100)
     return struct.pack("!HHHHHH", 0xBEEF, flags, qd, an, ns, ar)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=_examples(200), deadline=None)
 @given(st.integers(min_value=12, max_value=600), st.binary(max_size=40))
 def test_compression_pointer_loops(ptr: int, tail: bytes) -> None:
     # Name that is a pointer to itself / to later garbage.
@@ -88,7 +95,7 @@ def test_question_counts(count: int, real: bool) -> None:
         assert isinstance(out2, bytes) and out2[3] & 0x0F == RCODE.FORMERR
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=_examples(200), deadline=None)
 @given(
     st.lists(st.binary(min_size=1, max_size=70), min_size=0, max_size=8),
     st.integers(0, 0xFFFF),

@@ -7,6 +7,7 @@ take seconds. Agent-side decoders are fuzzed directly.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +20,12 @@ from lictor.errors import APIError
 from lictor.httpapi import method_not_allowed
 from lictor.registry.http import RegistryAPI, ServerInfo
 from lictor.registry.raft import LocalLog
+
+
+def _examples(default: int) -> int:
+    """LICTOR_FUZZ_EXAMPLES=20000 for a long run (docs/fuzzing.md); the small default keeps CI fast."""
+    return int(os.environ.get("LICTOR_FUZZ_EXAMPLES") or default)
+
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -54,7 +61,7 @@ ENDPOINTS = [("PUT", "/v1/catalog/register"), ("PUT", "/v1/catalog/deregister"),
              ("PUT", "/v1/kv/fuzz"), ("PUT", "/v1/snapshot")]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(ENDPOINTS), bodies)
 def test_registry_endpoints_never_500(endpoint: tuple[str, str], body: bytes) -> None:
     method, path = endpoint
@@ -64,7 +71,7 @@ def test_registry_endpoints_never_500(endpoint: tuple[str, str], body: bytes) ->
         assert resp.text.strip(), "errors must say what is wrong"
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=_examples(200), deadline=None)
 @given(structured)
 def test_rejected_registration_changes_nothing(body: Any) -> None:
     with LOG.store.lock:
@@ -75,7 +82,7 @@ def test_rejected_registration_changes_nothing(body: Any) -> None:
             assert json.dumps(LOG.store.export(), sort_keys=True) == before
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=_examples(400), deadline=None)
 @given(st.one_of(json_values, structured))
 def test_agent_decoders_only_raise_api_errors(body: Any) -> None:
     for decode in (decode_service_registration, decode_check_registration):
