@@ -286,3 +286,20 @@ def test_access_log_json_lines(tmp_path: Path) -> None:
                         "route": "default", "intention": None}
     assert lines[1]["status"] == 503 and list(lines[1])[0] == "timestamp"
     assert format_timestamp(0.0) == "1970-01-01T00:00:00.000Z"
+
+
+def test_access_log_rows_keep_field_order_and_escape(tmp_path: Path) -> None:
+    from lictor.accesslog import FIELDS
+
+    path = tmp_path / "rows.jsonl"
+    log = AccessLog(str(path), interval=0.05)
+    row = (TID, None, "sidecar", "web", "api", None, None, "127.0.0.1:80", "GET", '/a"b\\c\n', 200, 1.5, 0, 12,
+           None, "allow", "127.0.0.1", "spiffe://td/ns/default/dc/dc1/svc/web")
+    log.row(100.0, row)
+    log.row(101.0, row[:9] + ("/x", 503, 2.0, 3, 0, 1, "deny") + row[16:])  # the cached fragments again
+    assert log.flush(5.0)
+    log.close()
+    first, second = (json.loads(x) for x in path.read_text().splitlines())
+    assert list(first) == ["timestamp", *FIELDS] and [first[f] for f in FIELDS] == list(row)
+    assert second["status"] == 503 and second["intention"] == "deny" and second["path"] == "/x"
+    assert second["peer_spiffe_id"] == row[17] and first["timestamp"].endswith("Z")
