@@ -9,7 +9,7 @@ Topology (everything on 127.0.0.1):
 
 Sidecar pairs (`--target sidecar` or `both`, the default), one pair per variant, same flags on both:
 
-    wrk -c50 ──► web-N sidecar (http upstream, L7) ══mTLS══► api-N sidecar (inbound, L7) ──► nginx (plain)
+    wrk -c50 ──► bench-client-N sidecar (http upstream, L7) ══mTLS══► bench-api-N sidecar (inbound, L7) ──► nginx (plain)
 
 All gateways and pairs run for the whole benchmark; wrk loads one at a time, round-robin over the runs,
 so box noise hits each variant alike. A pair's CPU is both sidecars' together. Prometheus metrics are always on in the gateway (not
@@ -153,7 +153,7 @@ def main() -> int:
             targets[variant] = (f"http://127.0.0.1:{port}/", HOST)
         for i, (variant, extra) in enumerate(VARIANTS.items() if args.target != "gateway" else ()):
             flags = [f.format(sink=sink_port, root=root).replace(".jsonl", "-SID.jsonl") for f in extra]
-            api, web = f"api-{i}", f"web-{i}"
+            api, web = f"bench-api-{i}", f"bench-client-{i}"  # not "web-1": the gateways' upstream instance
             up_local, api_sidecar, web_sidecar = free_ports(3)
             assert agent.put("/v1/config", json={"Kind": "service-defaults", "Name": api, "Protocol": "http"}).json()
             for sid, port, sidecar_port, upstreams in ((api, sink_port, api_sidecar, []),
