@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aiosqlite
@@ -78,7 +78,10 @@ class InProcessBackend(ServerBackend):
         self.server = server
 
     async def sync_node(self, payload: dict[str, Any]) -> None:
-        await self.server.log.submit(new_command("sync_node", **payload))
+        if payload.pop("Partial", False):
+            await self.server.log.submit(new_command("sync_partial", **payload))
+        else:
+            await self.server.log.submit(new_command("sync_node", **payload))
 
     async def check_batch(self, node: str, updates: list[dict[str, Any]]) -> None:
         await self.server.log.submit(new_command("check_batch", Node=node, Updates=updates))
@@ -285,6 +288,9 @@ class LocalAgent:
             deregister_min=config.check_deregister_min,
         )
         self._full_sync_needed = asyncio.Event()
+        # What changed since the last push: sent as a partial sync instead of the whole node.
+        self._dirty_services: set[str] = set()
+        self._dirty_checks: set[str] = set()
         self._pending_updates: dict[str, tuple[str, str]] = {}
         self._dirty_states: set[str] = set()
         self._wake_sync = asyncio.Event()
@@ -398,13 +404,14 @@ class LocalAgent:
 
     # -- syncing with the servers ----------------------------------------------------------------
 
-    def _node_payload(self, services: dict[str, dict] | None = None, checks: dict[str, LocalCheck] | None = None) -> dict[str, Any]:
+    def _node_payload(self, services: dict[str, dict] | None = None, checks: dict[str, LocalCheck] | None = None,
+                      include_server: bool = True) -> dict[str, Any]:
         services = self.services if services is None else services
         checks = self.checks if checks is None else checks
         config = self.config
         catalog_checks = []
         for check in checks.values():
-            service = services.get(check.spec.service_id) if check.spec.service_id else None
+            service = self.services.get(check.spec.service_id) if check.spec.service_id else None
             if check.spec.service_id and service is None:
                 continue
             hc = check.spec.to_health_check(
@@ -427,7 +434,7 @@ class LocalAgent:
             "Datacenter": config.datacenter,
             "TaggedAddresses": {"lan": config.bind, "lan_ipv4": config.bind, "wan": config.bind, "wan_ipv4": config.bind},
             "NodeMeta": {"consul-network-segment": ""} | dict(config.node_meta),
-            "Services": catalog_services + self._server_services(services),
+            "Services": catalog_services + (self._server_services(services) if include_server else []),
             "Checks": catalog_checks,
         }
 
@@ -445,6 +452,28 @@ class LocalAgent:
         self._full_sync_needed.set()
         self._wake_sync.set()
 
+    def mark_dirty(self, services: Iterable[str] = (), checks: Iterable[str] = ()) -> None:
+        """Push these (present or removed) at once; the periodic full sync repairs anything else."""
+        self._dirty_services.update(services)
+        self._dirty_checks.update(checks)
+        self._wake_sync.set()
+
+    def _partial_payload(self) -> dict[str, Any]:
+        dirty_services, self._dirty_services = self._dirty_services, set()
+        dirty_checks, self._dirty_checks = self._dirty_checks, set()
+        present_services = {sid: self.services[sid] for sid in dirty_services if sid in self.services}
+        check_ids = {cid for cid in dirty_checks if cid in self.checks}
+        check_ids |= {cid for cid, c in self.checks.items() if c.spec.service_id in present_services}
+        payload = self._node_payload(
+            services=present_services, checks={cid: self.checks[cid] for cid in check_ids}, include_server=False
+        )
+        # A check of a service that is not in this push must still be known to the servers.
+        payload["Checks"] = [c for c in payload["Checks"] if not c["ServiceID"] or c["ServiceID"] in self.services]
+        payload["Partial"] = True
+        payload["DeleteServices"] = sorted(sid for sid in dirty_services if sid not in self.services)
+        payload["DeleteChecks"] = sorted(cid for cid in dirty_checks if cid not in self.checks)
+        return payload
+
     async def _sync_loop(self) -> None:
         """Push changes at once; a full sync every ae_interval (staggered) and after any failure."""
         backoff = 0.5
@@ -455,8 +484,12 @@ class LocalAgent:
                 if self._full_sync_needed.is_set() or now >= next_full:
                     self._full_sync_needed.clear()
                     self._pending_updates.clear()
+                    self._dirty_services.clear()
+                    self._dirty_checks.clear()
                     await self.backend.sync_node(self._node_payload())
                     next_full = time.monotonic() + self.config.ae_interval + random.uniform(0, self.config.ae_interval)
+                elif self._dirty_services or self._dirty_checks:
+                    await self.backend.sync_node(self._partial_payload())
                 elif self._pending_updates:
                     updates, self._pending_updates = self._pending_updates, {}
                     await self.backend.check_batch(
@@ -484,7 +517,7 @@ class LocalAgent:
                 continue
             timeout = max(0.0, next_full - time.monotonic())
             self._wake_sync.clear()
-            if self._pending_updates or self._full_sync_needed.is_set():
+            if self._pending_updates or self._full_sync_needed.is_set() or self._dirty_services or self._dirty_checks:
                 continue
             try:
                 await asyncio.wait_for(self._wake_sync.wait(), timeout)
@@ -574,7 +607,8 @@ class LocalAgent:
             for check, status, output, _deadline, src in new_checks:
                 self._start_check_now(check, status, output, src)
         self.runner.alias_changed()
-        self.request_full_sync()
+        self.mark_dirty(services=[svc['ID'] for svc, _ in new_services],
+                        checks=[c.check_id for c, *_ in new_checks] + remove_checks)
         self._pulse()
 
     def _start_check_now(self, spec: CheckSpec, status: str, output: str, source: str) -> None:
@@ -602,7 +636,7 @@ class LocalAgent:
                 self.services.pop(sid, None)
                 self.service_sources.pop(sid, None)
         self.runner.alias_changed()
-        self.request_full_sync()
+        self.mark_dirty(services=ids, checks=check_ids)
         self._pulse()
 
     async def register_check(self, spec: CheckSpec, source: str = "api") -> None:
@@ -619,7 +653,7 @@ class LocalAgent:
             output = previous.output if previous else ""
             await self.store.write(checks=[(spec, status, output, None, source)])
             self._start_check_now(spec, status, output, source)
-        self.request_full_sync()
+        self.mark_dirty(checks=[spec.check_id])
         self._pulse()
 
     async def deregister_check(self, check_id: str) -> None:
@@ -629,7 +663,7 @@ class LocalAgent:
             await self.store.write(delete_checks=[check_id])
             self.runner.remove(check_id)
             self.checks.pop(check_id, None)
-        self.request_full_sync()
+        self.mark_dirty(checks=[check_id])
         self._pulse()
 
     async def set_maintenance(self, check_id: str, service_id: str, enable: bool, reason: str) -> None:
@@ -650,7 +684,7 @@ class LocalAgent:
             await self.store.write(checks=[(spec, CRITICAL, "", None, "api")])
             self.checks[check_id] = LocalCheck(spec, CRITICAL, "", "api", static=True)
         self.runner.alias_changed()
-        self.request_full_sync()
+        self.mark_dirty(checks=[check_id])
         self._pulse()
 
     async def _load_config_dir(self) -> None:

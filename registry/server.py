@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from lictor.config import AgentConfig
-from lictor.decode import Float, ListOf, MapOf, Str, Struct, check_name, decode_body
+from lictor.decode import Bool, Float, ListOf, MapOf, Str, Struct, check_name, decode_body
 from lictor.errors import APIError, BadRequest
 from lictor.httpapi import empty_ok, guarded, json_response, read_body
 from lictor.registry import views
@@ -58,6 +58,7 @@ AGENT_SYNC = Struct(
     {
         "ID": Str(), "Node": Str(), "Address": Str(), "Datacenter": Str(), "TaggedAddresses": MapOf(Str()),
         "NodeMeta": MapOf(Str()), "Services": ListOf(CATALOG_SERVICE), "Checks": ListOf(CATALOG_CHECK),
+        "Partial": Bool(), "DeleteServices": ListOf(Str()), "DeleteChecks": ListOf(Str()),
     },
 )
 CHECK_UPDATES = Struct(
@@ -380,7 +381,11 @@ class ServerAgent:
         check_name(node, "node name")
         body["Services"] = [normalize_service(s) for s in body.get("Services", [])]
         body["Checks"] = [normalize_catalog_check(c, node) for c in body.get("Checks", [])]
-        await self.log.submit(new_command("sync_node", **body))
+        partial = body.pop("Partial", False)
+        if not partial:
+            body.pop("DeleteServices", None)
+            body.pop("DeleteChecks", None)
+        await self.log.submit(new_command("sync_partial" if partial else "sync_node", **body))
         self.last_seen[node] = time.monotonic()
         return empty_ok()
 

@@ -381,6 +381,46 @@ class StateStore:
             self._upsert_check(node, liveness_check("passing", "Agent alive and reachable"))
         return _ok(True)
 
+    def op_sync_partial(self, cmd: dict[str, Any]) -> Result:
+        """Anti-entropy for what changed on an agent: upsert these, delete those, keep the rest.
+
+        A full `sync_node` carries the whole node; with thousands of checks that made every
+        registration cost O(node). The agent sends this between full syncs.
+        """
+        node = cmd.get("Node") or ""
+        if not node or not cmd.get("Address"):
+            raise CommandError("Must provide node and address")
+        services = {s["ID"]: s for s in cmd.get("Services") or []}
+        checks = {c["CheckID"]: c for c in cmd.get("Checks") or []}
+        delete_services = set(cmd.get("DeleteServices") or [])
+        delete_checks = set(cmd.get("DeleteChecks") or []) - {LIVENESS_CHECK_ID}
+        known = (set(self.services.get(node, {})) | set(services)) - delete_services
+        for check in checks.values():
+            if check.get("ServiceID") and check["ServiceID"] not in known:
+                raise CommandError(f"Unknown service ID {check['ServiceID']!r} for check {check['CheckID']!r}", 404)
+        self._upsert_node(
+            {
+                "ID": cmd.get("ID", ""),
+                "Node": node,
+                "Address": cmd["Address"],
+                "Datacenter": cmd.get("Datacenter", ""),
+                "TaggedAddresses": cmd.get("TaggedAddresses") or {},
+                "Meta": cmd.get("NodeMeta") or {},
+            }
+        )
+        for check_id in delete_checks:
+            self._delete_check(node, check_id)
+        for service_id in delete_services:
+            self._delete_service(node, service_id)
+        for service in services.values():
+            self._upsert_service(node, service)
+        for check in checks.values():
+            if check["CheckID"] != LIVENESS_CHECK_ID:
+                self._upsert_check(node, check)
+        if LIVENESS_CHECK_ID not in self.checks.get(node, {}):
+            self._upsert_check(node, liveness_check("passing", "Agent alive and reachable"))
+        return _ok(True)
+
     def op_check_batch(self, cmd: dict[str, Any]) -> Result:
         """Many check results of one node in one entry: agents coalesce status changes."""
         node = cmd.get("Node", "")
@@ -762,6 +802,7 @@ _HANDLERS: dict[str, Callable[[StateStore, dict[str, Any]], Result]] = {
     "register": StateStore.op_register,
     "deregister": StateStore.op_deregister,
     "sync_node": StateStore.op_sync_node,
+    "sync_partial": StateStore.op_sync_partial,
     "check_status": StateStore.op_check_status,
     "check_batch": StateStore.op_check_batch,
     "kv_set": StateStore.op_kv_set,

@@ -201,3 +201,19 @@ def test_restore_replaces_state_and_moves_indexes_forward() -> None:
     assert views.read(store, views.kv_get, "b")[0] > before
     assert store.apply(cmd("restore", State={"nodes": []}))["ok"] is False
     assert sorted(store.kv) == ["a"]
+
+
+def test_sync_partial_touches_only_what_changed() -> None:
+    store = StateStore()
+    base = {"Node": "n1", "Address": "10.0.0.1"}
+    store.apply(cmd("sync_node", **base, Services=[service("a"), service("b")],
+                    Checks=[check("ca", service_id="a"), check("cb", service_id="b")]))
+    b_index = store.services["n1"]["b"]["ModifyIndex"]
+    result = store.apply(cmd("sync_partial", **base, Services=[service("c")], Checks=[check("cc", service_id="c")],
+                             DeleteServices=["a"], DeleteChecks=["cb"]))
+    assert result["ok"]
+    assert sorted(store.services["n1"]) == ["b", "c"]
+    assert sorted(store.checks["n1"]) == sorted([LIVENESS_CHECK_ID, "cc"])
+    assert store.services["n1"]["b"]["ModifyIndex"] == b_index  # untouched
+    bad = store.apply(cmd("sync_partial", **base, Services=[], Checks=[check("x", service_id="a")]))
+    assert bad["ok"] is False and "x" not in store.checks["n1"]
