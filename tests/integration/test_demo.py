@@ -72,7 +72,12 @@ def test_demo_runs_splits_retries_and_cleans_up(tmp_path: Path) -> None:
     assert final["payment_app_failures"] > 20, final
     assert final["payment_ok"] / final["payment_requests"] > 0.9, final
     assert "--> inventory v1" in output  # the periodic counters are printed
-    time.sleep(1)
-    leftovers = [p for p in children if os.path.exists(f"/proc/{p}")]
-    leftovers += pids_mentioning(f"127.0.0.1:{http_port}")
+    # The sidecars are the agent's children: they get SIGTERM when it exits and need a moment.
+    deadline = time.monotonic() + 15
+    while True:
+        leftovers = [p for p in children if os.path.exists(f"/proc/{p}")]
+        leftovers += pids_mentioning(f"127.0.0.1:{http_port}")
+        if not leftovers or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert not leftovers, f"processes left behind: {leftovers}"

@@ -369,6 +369,9 @@ def test_killing_one_of_three_instances_under_load(mesh: Mesh) -> None:
     # Only a request in flight on the killed instance at the kill may fail (at most one per thread).
     assert len(load.failures) <= 2, load.failures
     counters = mesh.stats("web")["Counters"]
-    assert counters.get("upstream_connect_errors{upstream=api}", 0) >= 5, counters
-    assert counters.get("upstream_ejections{upstream=api}", 0) >= 1, counters  # outlier detection fired
+    endpoints = len(mesh.stats("web")["Upstreams"][0]["Endpoints"])
+    # The dead instance leaves by whichever comes first: outlier ejection (5 consecutive connect
+    # failures) or its sidecar's 1 s health check. With keep-alive load few new connections are
+    # made after the kill, so either can win; ejection itself is unit-tested in test_proxy_balancer.
+    assert counters.get("upstream_ejections{upstream=api}", 0) >= 1 or endpoints == 2, (counters, endpoints)
     print("kill: dropped after", round(time.monotonic() - t_kill, 2), "s; counters", counters)
