@@ -332,23 +332,82 @@ def _error_response(status: int, text: str, keep_alive: bool, extra: Iterable[tu
             .encode() + body)
 
 
-class Downstream(asyncio.Protocol):
-    """A client connection to one listener: parse, queue, serve in order."""
+class HTTPDownstream(asyncio.Protocol):
+    """What every HTTP/1.1 client connection we serve shares (the gateway's listeners and a sidecar's
+    http upstream ports): request parsing into url/headers/body, flow control, bad-request answers.
 
-    def __init__(self, gateway: Gateway, port: int) -> None:
-        self.gw = gateway
-        self.port = port
-        self.transport: asyncio.Transport | None = None
+    Subclasses set `upgrade_refusal` and call `_init_http()` from `__init__`.
+    """
+
+    upgrade_refusal = "protocol upgrades are not supported"
+    transport: asyncio.Transport | None
+    upstream_paused: Upstream | None
+
+    def _init_http(self) -> None:
+        self.transport = None
         self.parser = httptools.HttpRequestParser(self)
-        self.queue: list[_Request] = []
-        self.task: asyncio.Task[None] | None = None
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.peer = ""
-        self.closed = False
         self.can_write: asyncio.Event | None = None
-        self.upstream_paused: Upstream | None = None
+        self.upstream_paused = None
+
+    def _resume_upstream(self) -> None:
+        if self.upstream_paused is not None and self.upstream_paused.transport is not None:
+            self.upstream_paused.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.can_write = asyncio.Event()
+
+    def resume_writing(self) -> None:
+        if self.can_write is not None:
+            self.can_write.set()
+            self.can_write = None
+        self._resume_upstream()
+        self.upstream_paused = None
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(501, self.upgrade_refusal)
+        except httptools.HttpParserError:
+            self._fail(400, "bad request")
+
+    def _fail(self, status: int, text: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_error_response(status, text, keep_alive=False))
+            self.transport.close()
+
+    # httptools callbacks shared by both
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+
+class Downstream(HTTPDownstream):
+    """A client connection to one listener: parse, queue, serve in order."""
+
+    upgrade_refusal = "protocol upgrades are not supported by this gateway"
+
+    def __init__(self, gateway: Gateway, port: int) -> None:
+        self._init_http()
+        self.gw = gateway
+        self.port = port
+        self.queue: list[_Request] = []
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
         self.waiter: asyncio.Future[None] | None = None
         # The request being served (requests on a connection are served one at a time), when traced
         # or logged: the exit paths record status and bytes here without threading it through.
@@ -365,47 +424,7 @@ class Downstream(asyncio.Protocol):
         self.gw.downstream.discard(self)
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        if self.upstream_paused is not None and self.upstream_paused.transport is not None:
-            self.upstream_paused.transport.resume_reading()
-
-    def pause_writing(self) -> None:
-        self.can_write = asyncio.Event()
-
-    def resume_writing(self) -> None:
-        if self.can_write is not None:
-            self.can_write.set()
-            self.can_write = None
-        if self.upstream_paused is not None and self.upstream_paused.transport is not None:
-            self.upstream_paused.transport.resume_reading()
-            self.upstream_paused = None
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(501, "protocol upgrades are not supported by this gateway")
-        except httptools.HttpParserError:
-            self._fail(400, "bad request")
-
-    def _fail(self, status: int, text: str) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_error_response(status, text, keep_alive=False))
-            self.transport.close()
-
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = []
-        self.body = []
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+        self._resume_upstream()
 
     def on_message_complete(self) -> None:
         p = self.parser

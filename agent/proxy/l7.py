@@ -42,12 +42,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httptools
-
 from lictor.agent.proxy.observe import Observer
 from lictor.agent.proxy.watch import AgentClient, follow_index
 from lictor.gateway.chain import ChainError, CompiledChain, HeaderMods, chain_protocol, compile_chain
-from lictor.gateway.proxy import Pool, UpstreamError, route_label
+from lictor.gateway.proxy import HTTPDownstream, Pool, UpstreamError, route_label
 from lictor.gateway.proxy import Upstream as PooledConn
 from lictor.gateway.router import (
     BalancerState,
@@ -302,23 +300,18 @@ def _expire(fut: asyncio.Future[None]) -> None:
         fut.set_exception(TimeoutError())
 
 
-class HTTPOutbound(asyncio.Protocol):
+class HTTPOutbound(HTTPDownstream):
     """The app's plain connection to an HTTP upstream's local port: parse, queue, serve in order."""
 
+    upgrade_refusal = "protocol upgrades are not supported on an http upstream"
+
     def __init__(self, upstream: Upstream, router: L7Router) -> None:
+        self._init_http()
         self.upstream = upstream
         self.router = router
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
         self.queue: list[_Request] = []
         self.task: asyncio.Task[None] | None = None
         self.waiter: asyncio.Future[None] | None = None
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-        self.peer = ""
-        self.can_write: asyncio.Event | None = None
-        self.upstream_paused: PooledConn | None = None
         self._counted = False
         self.rec: _OutReq | None = None  # the request being served, when traced or logged
 
@@ -348,53 +341,15 @@ class HTTPOutbound(asyncio.Protocol):
             self.upstream.clients.discard(self)  # type: ignore[arg-type]
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        if self.upstream_paused is not None and self.upstream_paused.transport is not None:
-            self.upstream_paused.transport.resume_reading()
+        self._resume_upstream()
 
-    def pause_writing(self) -> None:
-        self.can_write = asyncio.Event()
-
-    def resume_writing(self) -> None:
-        if self.can_write is not None:
-            self.can_write.set()
-            self.can_write = None
-        if self.upstream_paused is not None and self.upstream_paused.transport is not None:
-            self.upstream_paused.transport.resume_reading()
-            self.upstream_paused = None
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(501, "protocol upgrades are not supported on an http upstream")
-        except httptools.HttpParserError:
-            self._fail(400, "bad request")
-
-    def _fail(self, status: int, text: str) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_error_response(status, text, keep_alive=False))
-            self.transport.close()
-
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = []
-        self.body = []
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+    # httptools callbacks beyond the shared ones
 
     def on_headers_complete(self) -> None:
         # The body is buffered here (a retry needs it): a client waiting for 100 Continue gets it now.
         if self.transport is not None and any(k.lower() == b"expect" and v.lower() == b"100-continue"
                                               for k, v in self.headers):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
 
     def on_message_complete(self) -> None:
         p = self.parser
