@@ -340,6 +340,24 @@ class StateStore:
             self._delete_node(node)
         return _ok(True)
 
+    def _upsert_agent_node(self, node: str, cmd: dict[str, Any]) -> None:
+        """The node record an agent's sync carries (full or partial)."""
+        self._upsert_node(
+            {
+                "ID": cmd.get("ID", ""),
+                "Node": node,
+                "Address": cmd["Address"],
+                "Datacenter": cmd.get("Datacenter", ""),
+                "TaggedAddresses": cmd.get("TaggedAddresses") or {},
+                "Meta": cmd.get("NodeMeta") or {},
+            }
+        )
+
+    def _ensure_liveness(self, node: str) -> None:
+        if LIVENESS_CHECK_ID not in self.checks.get(node, {}):
+            # The agent just reached us, so it is alive; from now on the leader watches it.
+            self._upsert_check(node, liveness_check("passing", "Agent alive and reachable"))
+
     def op_sync_node(self, cmd: dict[str, Any]) -> Result:
         """Anti-entropy: make the catalog's view of an agent's node exactly the agent's.
 
@@ -355,16 +373,7 @@ class StateStore:
         for check in checks.values():
             if check.get("ServiceID") and check["ServiceID"] not in services:
                 raise CommandError(f"Unknown service ID {check['ServiceID']!r} for check {check['CheckID']!r}", 404)
-        self._upsert_node(
-            {
-                "ID": cmd.get("ID", ""),
-                "Node": node,
-                "Address": cmd["Address"],
-                "Datacenter": cmd.get("Datacenter", ""),
-                "TaggedAddresses": cmd.get("TaggedAddresses") or {},
-                "Meta": cmd.get("NodeMeta") or {},
-            }
-        )
+        self._upsert_agent_node(node, cmd)
         for check_id in list(self.checks.get(node, {})):
             if check_id not in checks and check_id != LIVENESS_CHECK_ID:
                 self._delete_check(node, check_id)
@@ -376,9 +385,7 @@ class StateStore:
         for check in checks.values():
             if check["CheckID"] != LIVENESS_CHECK_ID:
                 self._upsert_check(node, check)
-        if LIVENESS_CHECK_ID not in self.checks.get(node, {}):
-            # The agent just reached us, so it is alive; from now on the leader watches it.
-            self._upsert_check(node, liveness_check("passing", "Agent alive and reachable"))
+        self._ensure_liveness(node)
         return _ok(True)
 
     def op_sync_partial(self, cmd: dict[str, Any]) -> Result:
@@ -398,16 +405,7 @@ class StateStore:
         for check in checks.values():
             if check.get("ServiceID") and check["ServiceID"] not in known:
                 raise CommandError(f"Unknown service ID {check['ServiceID']!r} for check {check['CheckID']!r}", 404)
-        self._upsert_node(
-            {
-                "ID": cmd.get("ID", ""),
-                "Node": node,
-                "Address": cmd["Address"],
-                "Datacenter": cmd.get("Datacenter", ""),
-                "TaggedAddresses": cmd.get("TaggedAddresses") or {},
-                "Meta": cmd.get("NodeMeta") or {},
-            }
-        )
+        self._upsert_agent_node(node, cmd)
         for check_id in delete_checks:
             self._delete_check(node, check_id)
         for service_id in delete_services:
@@ -417,8 +415,7 @@ class StateStore:
         for check in checks.values():
             if check["CheckID"] != LIVENESS_CHECK_ID:
                 self._upsert_check(node, check)
-        if LIVENESS_CHECK_ID not in self.checks.get(node, {}):
-            self._upsert_check(node, liveness_check("passing", "Agent alive and reachable"))
+        self._ensure_liveness(node)
         return _ok(True)
 
     def op_check_batch(self, cmd: dict[str, Any]) -> Result:
@@ -735,13 +732,7 @@ class StateStore:
     def op_acl_policy_set(self, cmd: dict[str, Any]) -> Result:
         _, _, policies, _ = self.acl_tables()
         policy = copy.deepcopy(cmd["Policy"])
-        existing = policies.get(policy["ID"])
-        if cmd.get("Create") and existing is not None:
-            raise CommandError(f"policy {policy['ID']!r} already exists")
-        if not cmd.get("Create") and existing is None:
-            raise CommandError("Cannot find policy to update", 404)
-        if any(p["Name"] == policy["Name"] and p["ID"] != policy["ID"] for p in policies.values()):
-            raise CommandError(f"Invalid Policy: A Policy with Name {policy['Name']!r} already exists")
+        existing = _acl_check_upsert(policies, policy, bool(cmd.get("Create")), "policy", "Policy")
         if existing is not None and existing.get("Builtin") and (
             policy.get("Rules") != existing.get("Rules") or policy["Name"] != existing["Name"]
         ):
@@ -769,13 +760,7 @@ class StateStore:
     def op_acl_role_set(self, cmd: dict[str, Any]) -> Result:
         _, _, policies, roles = self.acl_tables()
         role = copy.deepcopy(cmd["Role"])
-        existing = roles.get(role["ID"])
-        if cmd.get("Create") and existing is not None:
-            raise CommandError(f"role {role['ID']!r} already exists")
-        if not cmd.get("Create") and existing is None:
-            raise CommandError("Cannot find role to update", 404)
-        if any(r["Name"] == role["Name"] and r["ID"] != role["ID"] for r in roles.values()):
-            raise CommandError(f"Invalid Role: A Role with Name {role['Name']!r} already exists")
+        existing = _acl_check_upsert(roles, role, bool(cmd.get("Create")), "role", "Role")
         role["Policies"] = self._acl_links(role.get("Policies"), policies, "policy")
         role["CreateIndex"] = existing["CreateIndex"] if existing else self.index
         role["ModifyIndex"] = self.index
@@ -792,6 +777,20 @@ class StateStore:
     def op_noop(self, cmd: dict[str, Any]) -> Result:
         """The read barrier: once applied here, everything committed before it is applied too."""
         return _ok(self.index)
+
+
+def _acl_check_upsert(
+    table: dict[str, dict[str, Any]], record: dict[str, Any], create: bool, kind: str, title: str
+) -> dict[str, Any] | None:
+    """Create must not overwrite, update must find, and names stay unique; returns the existing record."""
+    existing = table.get(record["ID"])
+    if create and existing is not None:
+        raise CommandError(f"{kind} {record['ID']!r} already exists")
+    if not create and existing is None:
+        raise CommandError(f"Cannot find {kind} to update", 404)
+    if any(r["Name"] == record["Name"] and r["ID"] != record["ID"] for r in table.values()):
+        raise CommandError(f"Invalid {title}: A {title} with Name {record['Name']!r} already exists")
+    return existing
 
 
 def _kv_meta(entry: dict[str, Any]) -> dict[str, Any]:
