@@ -13,8 +13,9 @@ import time
 from typing import Any
 
 from lictor.config import AgentConfig
-from lictor.dns import CatalogView, DnsConfig, DnsServer
+from lictor.dns import CatalogView, DnsConfig, DnsServer, QueryRateLimiter
 from lictor.errors import APIError
+from lictor.limits import count_refusal
 from lictor.registry import views
 
 log = logging.getLogger("lictor.dns")
@@ -32,6 +33,17 @@ def dns_config(config: AgentConfig) -> DnsConfig:
         only_passing=config.only_passing,
         a_record_limit=config.a_record_limit,
     )
+
+
+def rate_limiter(config: AgentConfig) -> QueryRateLimiter | None:
+    """The per-client query limit (-dns-rate-limit / -dns-rate-burst); None when off (the default)."""
+    if config.dns_rate_limit <= 0:
+        return None
+    return QueryRateLimiter(config.dns_rate_limit, config.dns_rate_burst)
+
+
+def _count_rate_refusal() -> None:
+    count_refusal("dns_rate")
 
 
 class CatalogFollower:
@@ -154,7 +166,8 @@ async def start_dns(runtime: Any, pool: Any) -> None:
     follower = CatalogFollower(config)
     follower.start(runtime, pool)
     server = DnsServer(follower.get, dns_config(config), host=config.client, port=config.dns_port,
-                       recursors=list(config.recursors))
+                       recursors=list(config.recursors), rate_limiter=rate_limiter(config),
+                       on_rate_limited=_count_rate_refusal)
     await server.start()
     runtime.extras.append(DnsService(follower, server))
     runtime.dns = follower

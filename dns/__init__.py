@@ -1,5 +1,6 @@
 """Consul-compatible DNS interface: catalog view, pure resolver and UDP/TCP server."""
 
+from .ratelimit import QueryRateLimiter
 from .resolver import FORWARD, DnsConfig, Forward, SoaConfig, resolve, resolve_wire
 from .server import DnsServer
 from .view import CatalogView, NodeInfo, ServiceInstance
@@ -11,6 +12,7 @@ __all__ = [
     "DnsServer",
     "Forward",
     "NodeInfo",
+    "QueryRateLimiter",
     "ServiceInstance",
     "SoaConfig",
     "resolve",

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from .ratelimit import QueryRateLimiter, qtype_of, refused
 from .resolver import FORWARD, DnsConfig, Forward, Transport, resolve_wire
 from .view import CatalogView
 
@@ -88,8 +89,12 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         server = self.server
+        limiter = server.rate_limiter
         try:
-            out = server.handle(data, "udp")
+            if limiter is not None and not limiter.allow(addr[0]):
+                out = server.refuse(data)
+            else:
+                out = server.handle(data, "udp")
         except Exception:  # never let one packet kill the listener
             log.exception("dns: error handling UDP query")
             return
@@ -126,6 +131,7 @@ class _UdpSocket:
     def _on_readable(self) -> None:
         sock = self.sock
         handle = self.server.handle
+        limiter = self.server.rate_limiter  # None when off: the only cost is this test per packet
         for _ in range(self.BATCH):
             try:
                 data, addr = sock.recvfrom(65535)
@@ -134,7 +140,10 @@ class _UdpSocket:
             except OSError:
                 continue  # e.g. ICMP errors surfaced on the socket
             try:
-                out = handle(data, "udp")
+                if limiter is not None and not limiter.allow(addr[0]):
+                    out = self.server.refuse(data)
+                else:
+                    out = handle(data, "udp")
             except Exception:  # never let one packet kill the listener
                 log.exception("dns: error handling UDP query")
                 continue
@@ -207,6 +216,8 @@ class DnsServer:
         max_inflight_forwards: int = 512,
         cache_size: int = 8192,
         udp_batch: bool = True,
+        rate_limiter: QueryRateLimiter | None = None,
+        on_rate_limited: Callable[[], None] | None = None,
     ) -> None:
         self._view_getter = view_getter
         self.recursors = [_parse_recursor(r) for r in recursors]
@@ -220,6 +231,9 @@ class DnsServer:
         self.max_inflight_forwards = max_inflight_forwards
         self.cache_size = cache_size
         self.udp_batch = udp_batch  # False: plain asyncio DatagramProtocol
+        # Per-source-IP query rate (UDP and TCP share a client's bucket); None = no limit.
+        self.rate_limiter = rate_limiter
+        self.on_rate_limited = on_rate_limited  # e.g. lictor_limit_refusals_total{kind="dns_rate"}
         self._rng = rng or random.Random()
         self._cache: dict[tuple[str, bytes, bytes, bytes], _Entry] = {}
         self._view: CatalogView | None = None
@@ -227,7 +241,7 @@ class DnsServer:
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._tcp_conns = 0
-        self.stats = {"queries": 0, "cache_hits": 0, "forwarded": 0}
+        self.stats = {"queries": 0, "cache_hits": 0, "forwarded": 0, "rate_limited": 0}
         # Per (qtype, rcode) counts for lictor.metrics, read at scrape time. Hot-path keys are
         # `qtype << 4 | rcode` ints (one dict update per query); rare outcomes use (qtype, word).
         self.qcounts: dict[int | tuple[int, str], int] = {}
@@ -324,6 +338,19 @@ class DnsServer:
         qcounts[ckey] = qcounts.get(ckey, 0) + 1
         # Patch the ID and restore the client's question casing (0x20 randomisation).
         return data[:2] + wire[2:12] + question + wire[qend:]
+
+    def refuse(self, data: bytes) -> bytes | None:
+        """A query over its client's rate: REFUSED echoing the question, counted; None = silence."""
+        out = refused(data, self.config.recursors)
+        if out is None:
+            return None  # not a query (too short, or a response): dropped, as handle() would
+        self.stats["queries"] += 1
+        self.stats["rate_limited"] += 1
+        key = qtype_of(data) << 4 | 5
+        self.qcounts[key] = self.qcounts.get(key, 0) + 1
+        if self.on_rate_limited is not None:
+            self.on_rate_limited()
+        return out
 
     def _count_slow(self, data: bytes, out: bytes | Forward | None) -> None:
         """Count a query that missed the fast path (EDNS options, odd shapes): parse its qtype."""
@@ -422,6 +449,8 @@ class DnsServer:
             writer.close()
             return
         self._tcp_conns += 1
+        peer = writer.get_extra_info("peername")
+        ip = str(peer[0]) if peer else ""
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)  # so stop() can cancel idle connections
@@ -433,7 +462,11 @@ class DnsServer:
                     break  # cannot be a DNS message: drop the connection
                 data = await asyncio.wait_for(reader.readexactly(size), self.tcp_idle_timeout)
                 try:
-                    out = self.handle(data, "tcp")
+                    limiter = self.rate_limiter
+                    if limiter is not None and not limiter.allow(ip):
+                        out = self.refuse(data)
+                    else:
+                        out = self.handle(data, "tcp")
                 except Exception:
                     log.exception("dns: error handling TCP query")
                     out = _servfail(data)

@@ -71,6 +71,8 @@ class AgentConfig:
     http_rate_limit: float = 0.0  # requests per second per client IP
     http_rate_burst: int = 0  # 0 = 2 x the rate
     http_max_blocking_per_client: int = 0
+    dns_rate_limit: float = 0.0  # DNS queries per second per client IP (UDP and TCP together)
+    dns_rate_burst: int = 0  # 0 = 2 x the rate
     max_services: int = 0  # services per agent
     max_checks: int = 0  # checks per agent
     # TLS for the HTTP API (issue #9); -1 disables the HTTPS listener (Consul's default)
@@ -136,6 +138,8 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "http-rate-limit": ("http_rate_limit", "float"),
     "http-rate-burst": ("http_rate_burst", "int"),
     "http-max-blocking-per-client": ("http_max_blocking_per_client", "int"),
+    "dns-rate-limit": ("dns_rate_limit", "float"),
+    "dns-rate-burst": ("dns_rate_burst", "int"),
     "max-services": ("max_services", "int"),
     "max-checks": ("max_checks", "int"),
     "https-port": ("https_port", "int"),
