@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CLK_TCK, RawConn, exit_on_sigterm, install_uvloop, machine, pct  # noqa: E402
+from common import CLK_TCK, RawConn, cpu_seconds, exit_on_sigterm, install_uvloop, machine, pct  # noqa: E402
 from procs import AgentProc, Cluster, free_ports  # noqa: E402
 
 SERVICE_NAMES = [f"soak-{c}" for c in "abcde"]
@@ -229,12 +229,24 @@ class Client:
             conn.close()
 
 
-async def sample_rss(state: State, procs: list[AgentProc], samples: dict[str, list[tuple[float, int]]]) -> None:
+async def sample_rss(state: State, procs: list[AgentProc], samples: dict[str, list[tuple[float, int]]],
+                     cpu: dict[str, float]) -> None:
+    """RSS every second, and CPU seconds per process name (summed over restarts: a pid's last sample
+    before it dies is what it counts, so up to a second of a killed process's CPU is missed)."""
+    seen: dict[int, float] = {}
     while not state.stop:
         now = time.monotonic() - state.t0
         for proc in procs:
             if proc.alive() and proc.proc is not None:
-                samples.setdefault(proc.name, []).append((now, rss_kib(proc.proc.pid)))
+                pid = proc.proc.pid
+                samples.setdefault(proc.name, []).append((now, rss_kib(pid)))
+                try:
+                    used = cpu_seconds(pid)
+                except OSError:
+                    continue
+                first = seen.setdefault(pid, used)
+                cpu[proc.name] = cpu.get(proc.name, 0.0) + (used - first) - cpu.get(f"_{pid}", 0.0)
+                cpu[f"_{pid}"] = used - first
         await asyncio.sleep(1.0)
 
 
@@ -345,11 +357,13 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         log(f"unloaded reads: n={len(baseline)} p50={out['unloaded']['p50_ms']:.2f} ms p99={out['unloaded']['p99_ms']:.2f} ms")
 
         rss: dict[str, list[tuple[float, int]]] = {}
+        cpu: dict[str, float] = {}
         state.t0 = time.monotonic()
         watchers = max(1, clients // 10)
         tasks = [asyncio.create_task(Client(state, w).watch()) for w in range(watchers)]
         tasks += [asyncio.create_task(Client(state, w).run(think)) for w in range(watchers, clients)]
-        sampler = asyncio.create_task(sample_rss(state, cluster.servers + agents, rss))
+        sampler = asyncio.create_task(sample_rss(state, cluster.servers + agents, rss, cpu))
+        gen_cpu0 = time.process_time()
 
         leader = await asyncio.to_thread(cluster.leader_proc)
         victim_client = agents[-1]
@@ -378,6 +392,8 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         box0 = box_busy()
         await asyncio.sleep(duration)
         out["box_busy_cores_during_load"] = (box_busy() - box0) / duration
+        out["cpu_cores_during_load"] = {name: secs / duration for name, secs in cpu.items() if not name.startswith("_")}
+        out["cpu_cores_during_load"]["load generator"] = (time.process_time() - gen_cpu0) / duration
         state.stop = True
         await fault_task
         await asyncio.wait(tasks, timeout=15)
@@ -455,6 +471,7 @@ def report(out: dict[str, Any]) -> None:
         print(f"  rss {name}: start {m['rss_start_mib']:.1f} MiB, at 10 s {m['rss_at_10s_mib']:.1f}, final "
               f"{m['rss_final_mib']:.1f}, last-10 s slope {m['slope_last10s_mib_per_s']:+.2f} MiB/s"
               f"{' (restarted; measured from its restart)' if m['restarted'] else ''}")
+    print("cores used during the load: " + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_cores_during_load"].items()))
     print(f"events: {out['events']}")
     print(f"invariants: no acked write lost={inv['no_acked_write_lost']}  memory bounded={inv['memory_bounded']}  "
           f"read p99 ratio={inv['read_p99_ratio']:.2f} (within 2x: {inv['read_p99_within_2x']})")

@@ -277,7 +277,8 @@ class RegistryAPI:
             "X-Consul-Effective-Consistency": consistency,
         }
 
-    async def _read(self, request: Request, view: Callable[..., tuple[int, Any]], *args: Any, **kwargs: Any):
+    async def _read_entry(self, request: Request, view: Callable[..., tuple[int, Any]], *args: Any, **kwargs: Any
+                          ) -> tuple[QueryOptions, views.SharedRead]:
         self._check_dc(request)
         opts = query_options(request)
         if opts.consistent:
@@ -285,8 +286,30 @@ class RegistryAPI:
         elif not opts.stale and self.log.leader() is None:
             # Default consistency needs a leader; `?stale` is how a client says it doesn't.
             raise APIError("No cluster leader", 500)
-        index, data = await blocking(opts, self.log.feed, lambda: views.read_shared(self.store, view, *args, **kwargs))
-        return opts, index, data
+
+        def read() -> tuple[int, views.SharedRead]:
+            entry = views.read_shared_entry(self.store, view, *args, **kwargs)
+            return entry.index, entry
+
+        _index, entry = await blocking(opts, self.log.feed, read)
+        return opts, entry
+
+    async def _read(self, request: Request, view: Callable[..., tuple[int, Any]], *args: Any, **kwargs: Any):
+        """A view's (shared, read-only) data for handlers that reshape it before answering."""
+        opts, entry = await self._read_entry(request, view, *args, **kwargs)
+        return opts, entry.index, entry.data
+
+    async def _read_reply(self, request: Request, view: Callable[..., tuple[int, Any]], *args: Any,
+                          filterable: bool = True, **kwargs: Any) -> Response:
+        """Answer with a view as it is: the cached JSON body unless `?filter` or `?pretty` reshape it."""
+        opts, entry = await self._read_entry(request, view, *args, **kwargs)
+        filtering = filterable and request.query_params.get("filter")
+        if filtering or "pretty" in request.query_params:
+            data = self._filter(request, entry.data) if filtering else entry.data
+            return self._reply(request, data, entry.index, opts)
+        headers = self.meta_headers(opts)
+        headers["X-Consul-Index"] = str(entry.index)
+        return Response(entry.body(), media_type="application/json", headers=headers)
 
     def _reply(self, request: Request, data: Any, index: int, opts: QueryOptions, status: int = 200) -> Response:
         return json_response(
@@ -321,26 +344,21 @@ class RegistryAPI:
         return json_response([self.info.datacenter])
 
     async def catalog_nodes(self, request: Request) -> Response:
-        opts, index, nodes = await self._read(request, views.catalog_nodes, node_meta_filters(request))
-        return self._reply(request, self._filter(request, nodes), index, opts)
+        return await self._read_reply(request, views.catalog_nodes, node_meta_filters(request))
 
     async def catalog_services(self, request: Request) -> Response:
-        opts, index, services = await self._read(request, views.catalog_services, node_meta_filters(request))
-        return self._reply(request, services, index, opts)
+        return await self._read_reply(request, views.catalog_services, node_meta_filters(request), filterable=False)
 
     async def catalog_service(self, request: Request) -> Response:
         name = request.path_params["name"]
         tags = request.query_params.getlist("tag")
-        opts, index, entries = await self._read(request, views.catalog_service, name, tags, node_meta_filters(request))
-        return self._reply(request, self._filter(request, entries), index, opts)
+        return await self._read_reply(request, views.catalog_service, name, tags, node_meta_filters(request))
 
     async def catalog_connect(self, request: Request) -> Response:
-        opts, index, entries = await self._read(request, views.catalog_connect, request.path_params["name"])
-        return self._reply(request, self._filter(request, entries), index, opts)
+        return await self._read_reply(request, views.catalog_connect, request.path_params["name"])
 
     async def catalog_node(self, request: Request) -> Response:
-        opts, index, node = await self._read(request, views.catalog_node, request.path_params["node"])
-        return self._reply(request, node, index, opts)
+        return await self._read_reply(request, views.catalog_node, request.path_params["node"], filterable=False)
 
     # -- health -----------------------------------------------------------------------------------
 
@@ -349,7 +367,7 @@ class RegistryAPI:
         passing = query_bool(request, "passing")
         if request.query_params.get("peer"):
             return json_response([], index=1, headers=self.meta_headers())
-        opts, index, entries = await self._read(
+        return await self._read_reply(
             request,
             views.health_service_entries,
             name,
@@ -358,28 +376,24 @@ class RegistryAPI:
             node_meta=node_meta_filters(request),
             connect=connect,
         )
-        return self._reply(request, self._filter(request, entries), index, opts)
 
     async def health_connect(self, request: Request) -> Response:
         return await self.health_service(request, connect=True)
 
     async def health_checks(self, request: Request) -> Response:
-        opts, index, checks = await self._read(request, views.health_checks, request.path_params["name"])
-        return self._reply(request, self._filter(request, checks), index, opts)
+        return await self._read_reply(request, views.health_checks, request.path_params["name"])
 
     async def health_state(self, request: Request) -> Response:
         state = request.path_params["state"]
         if state not in ("any", "passing", "warning", "critical"):
             raise BadRequest(f"Invalid check state {state!r}: must be any, passing, warning or critical")
-        opts, index, checks = await self._read(request, views.health_state, state)
-        return self._reply(request, self._filter(request, checks), index, opts)
+        return await self._read_reply(request, views.health_state, state)
 
     async def health_state_missing(self, request: Request) -> Response:
         raise BadRequest("Missing check state")
 
     async def health_node(self, request: Request) -> Response:
-        opts, index, checks = await self._read(request, views.health_node, request.path_params["node"])
-        return self._reply(request, self._filter(request, checks), index, opts)
+        return await self._read_reply(request, views.health_node, request.path_params["node"])
 
     def _filter(self, request: Request, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         expression = request.query_params.get("filter")

@@ -8,6 +8,8 @@ Callers hold `store.lock` (or call through `read()`), and get deep copies they m
 from __future__ import annotations
 
 import copy
+import json
+import marshal
 from collections.abc import Callable
 from typing import Any
 
@@ -24,33 +26,68 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+def _copy(data: Any) -> Any:
+    """A private deep copy. The views return plain JSON-shaped data, which marshal copies in C
+    about 8x faster than copy.deepcopy (deepcopy was the largest share of a server's read CPU)."""
+    try:
+        return marshal.loads(marshal.dumps(data))
+    except ValueError:  # something marshal can't carry: keep correctness, pay the price
+        return copy.deepcopy(data)
+
+
 def read(store: StateStore, view: Callable[..., tuple[Index, Any]], *args: Any, **kwargs: Any) -> tuple[Index, Any]:
     """Run a view under the store's lock and return a private copy of its result."""
     with store.lock:
         index, data = view(store, *args, **kwargs)
-        return max(index, 1), copy.deepcopy(data)
+        return max(index, 1), _copy(data)
+
+
+class SharedRead:
+    """One cached view result: read-only data shared by every caller, and its JSON encoded once."""
+
+    __slots__ = ("index", "data", "stamp", "_body")
+
+    def __init__(self, index: Index, data: Any, stamp: Index) -> None:
+        self.index, self.data, self.stamp = index, data, stamp
+        self._body: bytes | None = None
+
+    def body(self) -> bytes:
+        """Compact JSON of `data`; a write that wakes a thousand watchers of one view encodes once."""
+        if self._body is None:
+            self._body = json.dumps(self.data, separators=(",", ":")).encode()
+        return self._body
+
+
+def read_shared_entry(store: StateStore, view: Callable[..., tuple[Index, Any]], *args: Any, **kwargs: Any
+                      ) -> SharedRead:
+    """Like `read`, but results are shared between callers until what the view reads changes.
+
+    A view with a cheap index function (`_INDEX_OF`) stays cached while its own index is unchanged,
+    so writes elsewhere (KV, other services) don't force a rebuild; any other view is cached for
+    one store index. Callers must treat the result as read-only.
+    """
+    key = (view, _freeze(args), _freeze(kwargs))
+    index_of = _INDEX_OF.get(view)
+    with store.lock:
+        stamp = index_of(store, *args, **kwargs) if index_of is not None else None
+        if stamp is None:
+            stamp = store.index
+        cache = store.read_cache
+        hit = cache.get(key)
+        if hit is not None and hit.stamp == stamp:
+            return hit
+        index, data = view(store, *args, **kwargs)
+        entry = SharedRead(max(index, 1), _copy(data), stamp)
+        if len(cache) >= 4096:  # bounded: distinct queries (tags, filters) can't grow it forever
+            cache.clear()
+        cache[key] = entry
+        return entry
 
 
 def read_shared(store: StateStore, view: Callable[..., tuple[Index, Any]], *args: Any, **kwargs: Any) -> tuple[Index, Any]:
-    """Like `read`, but results are shared between callers until the store changes.
-
-    When one write wakes a thousand blocking queries on the same resource, the view is built and
-    copied once instead of a thousand times. Callers must treat the result as read-only.
-    """
-    key = (view, _freeze(args), _freeze(kwargs))
-    with store.lock:
-        cache = store.read_cache
-        if cache.get("@index") != store.index:
-            cache.clear()
-            cache["@index"] = store.index
-        hit = cache.get(key)
-        if hit is not None:
-            return hit
-        index, data = view(store, *args, **kwargs)
-        result = (max(index, 1), copy.deepcopy(data))
-        if len(cache) < 4096:
-            cache[key] = result
-        return result
+    """`read_shared_entry` as `(index, data)`; the data is shared and read-only."""
+    entry = read_shared_entry(store, view, *args, **kwargs)
+    return entry.index, entry.data
 
 
 def _table(store: StateStore, *tables: str) -> Index:
@@ -155,9 +192,13 @@ def catalog_connect(store: StateStore, name: str) -> tuple[Index, list[dict]]:
     return index, entries
 
 
+def _node_index(store: StateStore, node_name: str) -> Index:
+    return store.node_index.get(node_name) or _table(store, "nodes")
+
+
 def catalog_node(store: StateStore, node_name: str) -> tuple[Index, dict | None]:
     node = store.nodes.get(node_name)
-    index = store.node_index.get(node_name) or _table(store, "nodes")
+    index = _node_index(store, node_name)
     if node is None:
         return index, None
     return index, {"Node": node, "Services": dict(sorted(store.services.get(node_name, {}).items()))}
@@ -216,7 +257,7 @@ def health_state(store: StateStore, state: str) -> tuple[Index, list[dict]]:
 
 def health_node(store: StateStore, node_name: str) -> tuple[Index, list[dict]]:
     checks = store.checks.get(node_name, {})
-    return store.node_index.get(node_name) or _table(store, "nodes"), [checks[c] for c in sorted(checks)]
+    return _node_index(store, node_name), [checks[c] for c in sorted(checks)]
 
 
 # -- KV ----------------------------------------------------------------------------------------------
@@ -233,11 +274,15 @@ def _kv_prefix_index(store: StateStore, prefix: str) -> Index:
     return index or _table(store, "kv")
 
 
-def kv_get(store: StateStore, key: str) -> tuple[Index, dict | None]:
+def _kv_key_index(store: StateStore, key: str) -> Index:
     entry = store.kv.get(key)
     if entry is not None:
-        return entry["ModifyIndex"], entry
-    return max(store.kv_tombstones.get(key, 0), store.kv_tomb_floor) or _table(store, "kv"), None
+        return entry["ModifyIndex"]
+    return max(store.kv_tombstones.get(key, 0), store.kv_tomb_floor) or _table(store, "kv")
+
+
+def kv_get(store: StateStore, key: str) -> tuple[Index, dict | None]:
+    return _kv_key_index(store, key), store.kv.get(key)
 
 
 def kv_list(store: StateStore, prefix: str) -> tuple[Index, list[dict]]:
@@ -298,3 +343,21 @@ def catalog_snapshot(store: StateStore) -> tuple[Index, dict[str, Any]]:
 
 def meta_get(store: StateStore, key: str) -> tuple[Index, Any]:
     return _table(store, "meta"), store.meta.get(key)
+
+
+# -- cheap indexes for the shared-read cache -------------------------------------------------------
+# Each returns exactly the index its view returns (the same helpers compute both), without building
+# the view; None means "not cheap: cache for one store index".
+
+_INDEX_OF: dict[Callable[..., Any], Callable[..., Index | None]] = {
+    catalog_nodes: lambda store, node_meta=(): _table(store, "nodes"),
+    catalog_services: lambda store, node_meta=(): _table(store, "services", "nodes"),
+    catalog_service: lambda store, name, tags=(), node_meta=(): _service_index(store, name),
+    catalog_node: _node_index,
+    health_service_entries: lambda store, name, passing=False, tags=(), node_meta=(), connect=False: (
+        None if connect else _service_index(store, name)),
+    health_checks: lambda store, name: _service_index(store, name),
+    health_state: lambda store, state: _table(store, "checks", "nodes"),
+    health_node: _node_index,
+    kv_get: _kv_key_index,
+}
