@@ -9,13 +9,16 @@ Invariants checked afterwards (exit status 1 if the first two fail; the p99 one 
   registration answered 200 (and was not deregistered since) is on every server;
 - server memory (VmRSS, sampled every second) does not keep growing: for each server that was not
   restarted, RSS at the end of the load is within 1.5x of its RSS at the 10 s mark;
-- p99 of reads under load is within 2x the unloaded p99 measured at the start of the same run.
+- p99 of reads under load is within 2x the unloaded p99 measured at the start of the same run,
+  on the same catalog (each load client registers its 3 services before the baseline, and during
+  the load replaces one when it holds 3, so the catalog churns instead of growing); the same
+  unloaded reads are measured again after the load as a cross-check.
 
 The killed client agent is started again after the load (its registrations are in its SQLite
 store), so its acknowledged registrations count too. Load: `--clients` asyncio clients; 10 % of
-them run blocking queries, the others loop over KV writes with unique keys, agent service
-registrations/deregistrations (on client agents) and catalog/health/KV reads, sleeping a random
-0.5x-1.5x `--think` between requests. Every process is started here and killed by pid on exit.
+them run blocking queries, the others loop over KV writes with unique keys (30 %), agent service
+registrations/deregistrations on client agents (20 %) and catalog/health/KV reads (50 %), sleeping
+a random 0.5x-1.5x `--think` between requests. Every process is started here and killed by pid on exit.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class State:
     ok: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     blocking_returns: int = 0
+    services_per_client: int = 3
     events: list[tuple[float, str]] = field(default_factory=list)
 
     def live(self, names: list[str] | None = None) -> list[str]:
@@ -96,10 +100,13 @@ class Client:
         self.n += 1
         if r < 0.30:
             await self.kv_write()
-        elif r < 0.45:
-            await self.register()
-        elif r < 0.50 and self.mine:
-            await self.deregister()
+        elif r < 0.50:
+            # Churn, not growth: a client holding its share of services replaces one, so the catalog
+            # the reads return stays the size it had when the unloaded baseline was measured.
+            if len(self.mine) >= self.state.services_per_client:
+                await self.deregister()
+            else:
+                await self.register()
         else:
             await self.read()
 
@@ -347,9 +354,20 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         agents = await asyncio.to_thread(start_client_agents, root, cluster, 2)
         targets = {p.name: p for p in cluster.servers + agents}
         state = State(targets, [a.name for a in agents])
-        # Something to read before the clock starts.
+        # Something to read before the clock starts: KV keys, and every load client's share of services,
+        # so the catalog the baseline reads is the size the load keeps it at (registrations churn).
+        watchers = max(1, clients // 10)
+        load_clients = [Client(state, w) for w in range(watchers, clients)]
         await asyncio.gather(*(Client(state, 20_000 + i).kv_write() for i in range(20)))
-        await asyncio.gather(*(Client(state, 20_100 + i).register() for i in range(10)))
+        gate = asyncio.Semaphore(32)
+
+        async def fill(client: Client) -> None:
+            async with gate:
+                for _ in range(state.services_per_client):
+                    await client.register()
+
+        await asyncio.gather(*(fill(c) for c in load_clients))
+        log(f"catalog filled: {len(state.acked_services)} services from {len(load_clients)} clients")
         box0 = box_busy()
         baseline = await unloaded_reads(state, baseline_secs)
         out["box_busy_cores_unloaded"] = (box_busy() - box0) / baseline_secs
@@ -359,9 +377,8 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         rss: dict[str, list[tuple[float, int]]] = {}
         cpu: dict[str, float] = {}
         state.t0 = time.monotonic()
-        watchers = max(1, clients // 10)
         tasks = [asyncio.create_task(Client(state, w).watch()) for w in range(watchers)]
-        tasks += [asyncio.create_task(Client(state, w).run(think)) for w in range(watchers, clients)]
+        tasks += [asyncio.create_task(c.run(think)) for c in load_clients]
         sampler = asyncio.create_task(sample_rss(state, cluster.servers + agents, rss, cpu))
         gen_cpu0 = time.process_time()
 
@@ -401,9 +418,6 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         elapsed = time.monotonic() - state.t0
         log(f"load done after {elapsed:.1f}s; starting {victim_client.name} again and verifying")
 
-        await asyncio.to_thread(victim_client.start)
-        await asyncio.to_thread(victim_client.wait_ready, 40)
-        out["verify"] = await asyncio.to_thread(verify, state, cluster.servers)
         out["events"] = state.events
         reads = [lat for _, lat in state.reads]
         calm = [lat for t, lat in state.reads if not any(t_ev <= t < t_ev + 5 for t_ev, _ in state.events)]
@@ -413,10 +427,17 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
             "read_p99_ms_outside_faults": pct(calm, 99) * 1e3, "reads_outside_faults": len(calm),
             "kv_writes_acked": len(state.acked_kv), "write_p50_ms": pct(writes, 50) * 1e3,
             "write_p99_ms": pct(writes, 99) * 1e3, "ops_per_s": sum(state.ok.values()) / elapsed,
-            "ok": state.ok, "errors": state.errors, "blocking_returns": state.blocking_returns,
+            "ok": dict(state.ok), "errors": dict(state.errors), "blocking_returns": state.blocking_returns,
             "services_acked": len(state.acked_services), "services_deregistered": len(state.deregistered),
             "services_ambiguous": len(state.ambiguous),
         }
+        await asyncio.to_thread(victim_client.start)
+        await asyncio.to_thread(victim_client.wait_ready, 40)
+        out["verify"] = await asyncio.to_thread(verify, state, cluster.servers)
+        # The same reads again with the load gone and the catalog as the load left it: if this differs
+        # much from the first baseline, the comparison is about data size, not load.
+        after = await unloaded_reads(state, baseline_secs)
+        out["unloaded_after"] = {"reads": len(after), "p50_ms": pct(after, 50) * 1e3, "p99_ms": pct(after, 99) * 1e3}
         memory: dict[str, Any] = {}
         for name, points in rss.items():
             proc = targets[name]
@@ -457,7 +478,9 @@ def report(out: dict[str, Any]) -> None:
     print(f"box: {out['machine']['nproc']} cores; average busy cores (all tenants) during the unloaded reads "
           f"{out['box_busy_cores_unloaded']:.2f}, during the load {out['box_busy_cores_during_load']:.2f}")
     print(f"ops/s {ld['ops_per_s']:.0f}  ok={ld['ok']}  errors={ld['errors']}  blocking returns={ld['blocking_returns']}")
-    print(f"reads: unloaded p50 {u['p50_ms']:.2f} / p99 {u['p99_ms']:.2f} ms (n={u['reads']}); "
+    ua = out["unloaded_after"]
+    print(f"reads: unloaded p50 {u['p50_ms']:.2f} / p99 {u['p99_ms']:.2f} ms (n={u['reads']}; after the load "
+          f"{ua['p50_ms']:.2f} / {ua['p99_ms']:.2f} ms); "
           f"loaded p50 {ld['read_p50_ms']:.2f} / p99 {ld['read_p99_ms']:.2f} ms (n={ld['reads']}); "
           f"p99 outside the 5 s after each fault {ld['read_p99_ms_outside_faults']:.2f} ms")
     print(f"KV writes acked {ld['kv_writes_acked']} (p50 {ld['write_p50_ms']:.1f} / p99 {ld['write_p99_ms']:.1f} ms); "
