@@ -105,13 +105,13 @@ class ServerPool:
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> ServerPool:
-        """TLS towards the servers: LICTOR_HTTP_SSL/CONSUL_HTTP_SSL or https:// addresses, -ca-file, -client-cert/-key."""
-        ssl_env = (os.environ.get("LICTOR_HTTP_SSL") or os.environ.get("CONSUL_HTTP_SSL") or "").lower()
-        context = ssl.create_default_context(cafile=config.ca_file or None)
-        cert_file, key_file = config.client_cert or config.cert_file, config.client_key or config.key_file
-        if cert_file and key_file:
-            context.load_cert_chain(cert_file, key_file)
-        return cls(config.retry_join, scheme="https" if ssl_env in ("1", "true", "yes") else "http", verify=context)
+        """TLS towards the servers (lictor/tls.py): https:// addresses, or bare ones under -verify-outgoing or
+        LICTOR_HTTP_SSL/CONSUL_HTTP_SSL; verified against -ca-file, presenting -client-cert/-key."""
+        from lictor import tls
+
+        pool = cls(config.retry_join, scheme=tls.default_scheme(config), verify=tls.outgoing_context(config))
+        tls.apply_server_name(pool.client, config)
+        return pool
 
     def url(self, address: str, path: str) -> str:
         return f"{address}{path}" if "://" in address else f"{self.scheme}://{address}{path}"

@@ -83,6 +83,8 @@ class AgentConfig:
     verify_incoming: bool = False
     client_cert: str = ""  # presented to https:// servers; defaults to cert_file
     client_key: str = ""
+    verify_outgoing: bool = False  # calls to servers must use HTTPS, verified against ca_file (lictor/tls.py)
+    verify_server_hostname: bool = False  # servers' certs must name server.<datacenter>.<domain>
 
     @property
     def http_addr(self) -> str:
@@ -149,6 +151,8 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "verify-incoming": ("verify_incoming", "bool"),
     "client-cert": ("client_cert", "str"),
     "client-key": ("client_key", "str"),
+    "verify-outgoing": ("verify_outgoing", "bool"),
+    "verify-server-hostname": ("verify_server_hostname", "bool"),
 }
 
 # JSON config keys (Consul's names) that differ from our field names
@@ -292,8 +296,41 @@ def finalize(config: AgentConfig) -> AgentConfig:
         raise ConfigError("-https-port needs -cert-file and -key-file")
     if config.verify_incoming and not config.ca_file:
         raise ConfigError("-verify-incoming needs -ca-file (the CA that signs client certificates)")
+    _check_outgoing_tls(config)
+    _check_tls_files(config)
     if config.http_port <= 0 and config.https_port <= 0:
         raise ConfigError("both -http-port and -https-port are disabled: the agent would have no API")
     if not config.domain.endswith("."):
         config.domain += "."
     return config
+
+
+def _check_outgoing_tls(config: AgentConfig) -> None:
+    """-verify-outgoing / -verify-server-hostname: refuse combinations that could not work, at startup."""
+    if config.verify_server_hostname and not config.verify_outgoing:
+        raise ConfigError("-verify-server-hostname needs -verify-outgoing")
+    if not config.verify_outgoing:
+        return
+    if not config.ca_file:
+        raise ConfigError("-verify-outgoing needs -ca-file (the CA that signs the servers' certificates)")
+    plain = [a for a in config.retry_join if a.startswith("http://")]
+    if plain:
+        raise ConfigError(f"-verify-outgoing forbids plain HTTP: -retry-join {plain[0]} (use https:// or host:port)")
+    if config.server and not config.dev and config.https_port <= 0:
+        raise ConfigError("a server with -verify-outgoing needs -https-port: the other servers call it over HTTPS")
+
+
+def _check_tls_files(config: AgentConfig) -> None:
+    """Load the files outgoing calls use now, so a bad path is a one-line error and not a traceback later."""
+    if bool(config.client_cert) != bool(config.client_key):
+        raise ConfigError("-client-cert and -client-key go together")
+    if not (config.ca_file or config.cert_file or config.client_cert):
+        return
+    import ssl
+
+    from lictor.tls import outgoing_context
+
+    try:
+        outgoing_context(config)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS files for outgoing calls (-ca-file, -client-cert/-cert-file): {exc}") from None

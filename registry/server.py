@@ -1,10 +1,14 @@
 """A server agent: forms (or joins) the Raft cluster, serves the registry API, keeps node liveness.
 
 Cluster formation: every server serves HTTP first, then says hello to each `-retry-join` address
-(another agent's HTTP address). Hellos are answered with every server the answerer knows, so the
-servers learn each other's Raft addresses transitively. A server bootstraps once it knows
+(another agent's HTTP or HTTPS address). Hellos are answered with every server the answerer knows, so the
+servers learn each other's Raft, HTTP and HTTPS addresses transitively. A server bootstraps once it knows
 `-bootstrap-expect` servers and none of them runs a cluster yet; if one does, it asks that cluster
 to add it as a peer instead. The peer list is saved in the data dir, so a restart needs no joins.
+
+Calls between servers follow lictor/tls.py: with -verify-outgoing they go to a peer's HTTPS address
+only (verified against -ca-file, our certificate presented); otherwise to its plain HTTP address when
+it has one, else to its HTTPS address.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from lictor import tls
 from lictor.config import AgentConfig
 from lictor.decode import Bool, Float, ListOf, MapOf, Str, Struct, check_name, decode_body
 from lictor.errors import APIError, BadRequest
@@ -43,8 +48,10 @@ log = logging.getLogger("lictor.server")
 
 HELLO = Struct(
     "Hello",
-    {"Node": Str(), "RaftAddr": Str(), "HTTPAddr": Str(), "Datacenter": Str(), "Time": Float(), "Proof": Str()},
+    {"Node": Str(), "RaftAddr": Str(), "HTTPAddr": Str(), "HTTPSAddr": Str(), "Datacenter": Str(), "Time": Float(),
+     "Proof": Str()},
 )
+RECORD_KEYS = ("Node", "RaftAddr", "HTTPAddr", "HTTPSAddr")  # what a server record holds (hello, join, meta)
 JOIN_PROOF_WINDOW = 300.0  # seconds a join request's proof stays valid
 
 
@@ -71,9 +78,7 @@ SERVER_META_PREFIX = "server/"
 class ServerAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.known: dict[str, dict[str, str]] = {
-            config.raft_addr: {"Node": config.node, "RaftAddr": config.raft_addr, "HTTPAddr": config.http_addr}
-        }
+        self.known: dict[str, dict[str, str]] = {config.raft_addr: self.self_record()}
         self.log: ConsensusLog | None = None
         self.api: RegistryAPI | None = None
         self.ready = asyncio.Event()
@@ -81,7 +86,33 @@ class ServerAgent:
         self._was_leader = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.stopping = asyncio.Event()
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        # One client for every call to another server (acl_http.apply_agent_token sets its token header).
+        self.http = tls.outgoing_client(config, timeout=httpx.Timeout(5.0))
+        self._hello_warned: set[str] = set()
+
+    def self_record(self) -> dict[str, str]:
+        """How other servers reach this one; a disabled listener is left out."""
+        config = self.config
+        record = {"Node": config.node, "RaftAddr": config.raft_addr, "HTTPAddr": config.http_addr if config.http_port > 0 else ""}
+        if config.https_port > 0:
+            # Only sent when set: a server from before HTTPSAddr existed rejects unknown hello fields.
+            record["HTTPSAddr"] = f"{config.client}:{config.https_port}"
+        return record
+
+    def _self_urls(self) -> set[str]:
+        record = self.self_record()
+        return {f"http://{record['HTTPAddr']}", f"https://{record.get('HTTPSAddr', '')}"}
+
+    def peer_url(self, record: dict[str, Any] | None) -> str | None:
+        """The base URL to call a server at, or None if our TLS policy allows none of its addresses."""
+        if not record:
+            return None
+        http, https = record.get("HTTPAddr") or "", record.get("HTTPSAddr") or ""
+        if https and (self.config.verify_outgoing or not http):
+            return f"https://{https}"
+        if http and not self.config.verify_outgoing:
+            return f"http://{http}"
+        return None
 
     # -- startup --------------------------------------------------------------------------------
 
@@ -124,6 +155,7 @@ class ServerAgent:
         except (OSError, ValueError):
             return None
         self.known.update(saved.get("known") or {})
+        self.known[self.config.raft_addr] = self.self_record()  # our ports may have changed since
         return list(saved.get("peers") or [])
 
     async def _discover_peers(self) -> list[str]:
@@ -135,15 +167,14 @@ class ServerAgent:
         while not self.stopping.is_set():
             attempt += 1
             running: dict[str, Any] | None = None
-            for target in list(config.retry_join) + [k["HTTPAddr"] for k in self.known.values()]:
-                if target == config.http_addr:
-                    continue
+            targets = [tls.join_url(a, config) for a in config.retry_join] + [self.peer_url(k) for k in self.known.values()]
+            for target in dict.fromkeys(t for t in targets if t and t not in self._self_urls()):
                 reply = await self._hello(target)
                 if reply is None:
                     continue
                 for server in reply.get("Known") or []:
-                    if server.get("RaftAddr"):
-                        self.known.setdefault(server["RaftAddr"], server)
+                    if server.get("RaftAddr") and server["RaftAddr"] != config.raft_addr:
+                        self.known.setdefault(server["RaftAddr"], {k: server[k] for k in RECORD_KEYS if server.get(k)})
                 if reply.get("Peers") and reply.get("Leader"):
                     running = reply
             if running is not None and config.raft_addr not in running["Peers"]:
@@ -162,10 +193,18 @@ class ServerAgent:
         raise asyncio.CancelledError
 
     async def _hello(self, target: str) -> dict[str, Any] | None:
-        me = self.known[self.config.raft_addr] | {"Datacenter": self.config.datacenter}
+        me = self.self_record() | {"Datacenter": self.config.datacenter}
         try:
-            resp = await self.http.post(f"http://{target}/v1/internal/cluster/hello", json=me, timeout=2.0)
-        except httpx.HTTPError:
+            resp = await self.http.post(f"{target}/v1/internal/cluster/hello", json=me, timeout=2.0)
+        except httpx.HTTPError as exc:
+            # A refused connection is normal while peers start. Anything else (a certificate we reject,
+            # or, under TLS 1.3, a peer dropping us for our client certificate) will not fix itself:
+            # say so, once per target (hellos repeat every -retry-interval).
+            refused = isinstance(exc, httpx.ConnectError) and "SSL" not in str(exc)
+            if not refused and target not in self._hello_warned:
+                self._hello_warned.add(target)
+                log.warning("hello to %s failed (%s: %s); if it persists, check both sides' TLS settings",
+                            target, type(exc).__name__, str(exc) or "connection dropped")
             return None
         if resp.status_code != 200:
             return None
@@ -175,11 +214,11 @@ class ServerAgent:
             return None
 
     async def _ask_to_join(self, cluster: dict[str, Any]) -> list[str] | None:
-        targets = [cluster.get("LeaderHTTP")] + [k["HTTPAddr"] for k in self.known.values()]
-        for target in [t for t in targets if t and t != self.config.http_addr]:
+        targets = [self.peer_url(self.known.get(cluster.get("Leader") or ""))] + [self.peer_url(k) for k in self.known.values()]
+        for target in dict.fromkeys(t for t in targets if t and t not in self._self_urls()):
             try:
                 resp = await self.http.post(
-                    f"http://{target}/v1/internal/cluster/join",
+                    f"{target}/v1/internal/cluster/join",
                     json=self._join_request(),
                     timeout=15.0,
                 )
@@ -194,8 +233,7 @@ class ServerAgent:
 
     def _join_request(self) -> dict[str, Any]:
         now = time.time()
-        return {"RaftAddr": self.config.raft_addr, "Node": self.config.node, "HTTPAddr": self.config.http_addr,
-                "Time": now, "Proof": join_proof(self.config.encrypt, self.config.raft_addr, now)}
+        return self.self_record() | {"Time": now, "Proof": join_proof(self.config.encrypt, self.config.raft_addr, now)}
 
     async def _announce_self(self) -> None:
         """Record this server (names and HTTP address) and its catalog entry once a leader exists."""
@@ -206,7 +244,7 @@ class ServerAgent:
                 await asyncio.sleep(0.2)
                 continue
             try:
-                record = {"Node": config.node, "RaftAddr": config.raft_addr, "HTTPAddr": config.http_addr}
+                record = self.self_record()
                 await self.log.submit(new_command("meta_set", Key=SERVER_META_PREFIX + config.raft_addr, Value=record))
                 return
             except APIError as exc:
@@ -268,10 +306,10 @@ class ServerAgent:
         """Record that `node`'s agent is alive; on a follower, pass it to the leader."""
         assert self.log is not None
         if not self.log.is_leader():
-            leader_http = self.leader_http()
-            if leader_http is None:
+            leader_url = self.leader_url()
+            if leader_url is None:
                 raise APIError("No cluster leader", 500)
-            resp = await self.http.put(f"http://{leader_http}/v1/internal/heartbeat", json={"Node": node}, timeout=3.0)
+            resp = await self.http.put(f"{leader_url}/v1/internal/heartbeat", json={"Node": node}, timeout=3.0)
             if resp.status_code != 200:
                 raise APIError(f"leader refused heartbeat: {resp.text}", resp.status_code)
             return
@@ -302,6 +340,12 @@ class ServerAgent:
         record = self.server_records().get(leader)
         return record.get("HTTPAddr") if record else None
 
+    def leader_url(self) -> str | None:
+        """The leader's base URL under our TLS policy (see peer_url)."""
+        assert self.log is not None
+        leader = self.log.leader()
+        return self.peer_url(self.server_records().get(leader)) if leader is not None else None
+
     def members(self) -> list[dict[str, Any]]:
         assert self.log is not None
         peers = set(self.log.peers())
@@ -313,7 +357,8 @@ class ServerAgent:
             alive = addr in peers and (addr == self.config.raft_addr or self._connected(addr))
             server_nodes.add(record.get("Node"))
             out.append(member_entry(record.get("Node", addr), host, int(port or 0), "consul", self.config.datacenter, 1 if alive else 4,
-                                    {"port": port, "raft_vsn": "3", "http": record.get("HTTPAddr", "")}))
+                                    {"port": port, "raft_vsn": "3", "http": record.get("HTTPAddr", ""),
+                                     "https": record.get("HTTPSAddr", "")}))
         with self.log.store.lock:
             for name, node in sorted(self.log.store.nodes.items()):
                 if name in server_nodes:
@@ -336,8 +381,8 @@ class ServerAgent:
         body = decode_body(await read_body(request), HELLO)
         if body.get("Datacenter") and body["Datacenter"] != self.config.datacenter:
             raise BadRequest(f"datacenter mismatch: this server is in {self.config.datacenter!r}")
-        if body.get("RaftAddr"):
-            self.known.setdefault(body["RaftAddr"], {k: body.get(k, "") for k in ("Node", "RaftAddr", "HTTPAddr")})
+        if body.get("RaftAddr") and body["RaftAddr"] != self.config.raft_addr:
+            self.known.setdefault(body["RaftAddr"], {k: body[k] for k in RECORD_KEYS if body.get(k)})
         reply: dict[str, Any] = {"Known": list(self.known.values()), "Peers": [], "Leader": None, "LeaderHTTP": None}
         if self.log is not None and self.ready.is_set():
             reply["Known"] = list(self.server_records().values())
@@ -360,7 +405,7 @@ class ServerAgent:
         if abs(time.time() - sent) > JOIN_PROOF_WINDOW or not hmac.compare_digest(expected, body.get("Proof", "")):
             raise APIError("Permission denied: a join must be signed with the cluster key (-encrypt)", 403)
         await self.log.add_peer(addr)
-        self.known[addr] = {k: body.get(k, "") for k in ("Node", "RaftAddr", "HTTPAddr")}
+        self.known[addr] = {k: body[k] for k in RECORD_KEYS if body.get(k)}
         return json_response({"Peers": self.log.peers()})
 
     async def heartbeat_endpoint(self, request: Request) -> Response:
@@ -409,11 +454,11 @@ class ServerAgent:
         if isinstance(self.log, RaftLog) and len(self.log.peers()) > 1:
             await self.log.transfer_leadership()
             for _ in range(30):
-                leader_http = self.leader_http()
-                if leader_http and leader_http != self.config.http_addr:
+                leader_url = self.leader_url()
+                if leader_url and self.log.leader() != self.config.raft_addr:
                     try:
                         resp = await self.http.delete(
-                            f"http://{leader_http}/v1/operator/raft/peer", params={"address": self.config.raft_addr}, timeout=10.0
+                            f"{leader_url}/v1/operator/raft/peer", params={"address": self.config.raft_addr}, timeout=10.0
                         )
                         if resp.status_code == 200:
                             break

@@ -1,81 +1,36 @@
 """TLS for the HTTP API (issue #9): an HTTPS listener next to (or instead of) HTTP, client certificates
 required with -verify-incoming, and client agents, the CLI and py-consul talking to it.
 
-Certificates are made here with `openssl`: an ECDSA P-256 CA, a server cert for 127.0.0.1, a client
-cert from the same CA, and a second ("rogue") CA with its own client cert."""
+Certificates are made with `openssl` by tests/tlsutil.py: an ECDSA P-256 CA, a server cert for 127.0.0.1,
+a client cert from the same CA, and a second ("rogue") CA with its own client cert."""
 
 from __future__ import annotations
 
 import json
 import os
-import ssl
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import consul
 import httpx
 import pytest
 from procs import LICTOR, AgentProc, cluster_key, free_ports, wait_until
-
-
-@dataclass
-class Certs:
-    ca: Path
-    server: tuple[Path, Path]
-    client: tuple[Path, Path]
-    rogue_ca: Path
-    rogue_client: tuple[Path, Path]
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
-
-
-def _make_ca(root: Path, name: str) -> tuple[Path, Path]:
-    key, pem = root / f"{name}.key", root / f"{name}.pem"
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key))
-    _openssl("req", "-x509", "-new", "-key", str(key), "-sha256", "-days", "2", "-subj", f"/CN={name}",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-             "-out", str(pem))
-    return pem, key
-
-
-def _make_leaf(root: Path, name: str, ca: tuple[Path, Path], ext: str) -> tuple[Path, Path]:
-    key, csr, pem, extfile = root / f"{name}.key", root / f"{name}.csr", root / f"{name}.pem", root / f"{name}.ext"
-    extfile.write_text(ext + "\n")
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key))
-    _openssl("req", "-new", "-key", str(key), "-subj", f"/CN={name}", "-out", str(csr))
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
-             "-days", "2", "-sha256", "-extfile", str(extfile), "-out", str(pem))
-    return pem, key
+from tlsutil import Certs, client_context, make_certs
+from tlsutil import curl as _curl
+from tlsutil import tls_args as _tls_args
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    root = tmp_path_factory.mktemp("certs")
-    ca = _make_ca(root, "ca")
-    rogue = _make_ca(root, "rogue-ca")
-    server = _make_leaf(root, "server", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
-    client = _make_leaf(root, "client", ca, "extendedKeyUsage=clientAuth")
-    rogue_client = _make_leaf(root, "rogue-client", rogue, "extendedKeyUsage=clientAuth")
-    return Certs(ca[0], server, client, rogue[0], rogue_client)
-
-
-def _tls_args(certs: Certs, https_port: int, verify_incoming: bool = True) -> list[str]:
-    args = ["-https-port", str(https_port), "-cert-file", str(certs.server[0]), "-key-file", str(certs.server[1]),
-            "-ca-file", str(certs.ca)]
-    return args + (["-verify-incoming"] if verify_incoming else [])
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def _wait_https(url: str, certs: Certs, proc: AgentProc) -> None:
     def ready() -> bool:
         if not proc.alive():
             raise AssertionError(f"{proc.name} exited: {proc.tail()}")
-        context = ssl.create_default_context(cafile=str(certs.ca))
-        context.load_cert_chain(str(certs.client[0]), str(certs.client[1]))
-        resp = httpx.get(url + "/v1/agent/self", verify=context, timeout=2)
+        resp = httpx.get(url + "/v1/agent/self", verify=client_context(certs), timeout=2)
         return resp.status_code == 200
 
     wait_until(ready, 30, 0.1, f"{proc.name} ready over HTTPS")
@@ -92,11 +47,6 @@ def tls_agent(tmp_path: Path, certs: Certs) -> Iterator[tuple[AgentProc, int]]:
         yield agent, https_port
     finally:
         agent.kill()
-
-
-def _curl(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", *args, url],
-                          capture_output=True, text=True, timeout=20)
 
 
 def test_https_listener_requires_client_cert(tls_agent: tuple[AgentProc, int], certs: Certs) -> None:
