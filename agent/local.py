@@ -910,6 +910,8 @@ class AgentAPI:
         address = request.path_params["address"]
         if ":" not in address:
             address = f"{address}:8500"
+        if address.startswith("http://") and self.agent.config.verify_outgoing:
+            raise BadRequest(f"cannot join {address}: -verify-outgoing forbids plain HTTP to servers")
         if self.agent.pool is not None:
             try:
                 resp = await self.agent.pool.client.get(self.agent.pool.url(address, "/v1/status/leader"), timeout=3.0)
