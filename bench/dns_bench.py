@@ -3,7 +3,7 @@
 Three targets in one run: a real `lictor agent -dev` (records registered over its HTTP API), the
 bare DnsServer in its own process (what the agent's DNS costs without the rest of the agent), and
 unbound. Usage (installs dnsperf and unbound with apt when run as root and they are missing):
-    .venv/bin/python bench/dns_bench.py [--seconds 10] [--uvloop] [--rate 3000]
+    .venv/bin/python bench/dns_bench.py [--seconds 10] [--uvloop] [--rate 3000] [--dns-rate-limit 1e9]
 
 For each server it runs dnsperf twice: unthrottled (max QPS) and at a fixed
 rate with per-query latencies (-v) to compute p50/p99. Prints a table and the
@@ -120,7 +120,8 @@ def dnsperf(port: int, qfile: str, seconds: int, rate: int | None, clients: int,
     return res
 
 
-def serve(port: int, use_uvloop: bool) -> None:
+def serve(port: int, use_uvloop: bool, rate_limit: float = 0.0) -> None:
+    from lictor.dns.ratelimit import QueryRateLimiter
     from lictor.dns.resolver import DnsConfig
     from lictor.dns.server import DnsServer
     from lictor.dns.view import CatalogView
@@ -128,7 +129,8 @@ def serve(port: int, use_uvloop: bool) -> None:
     view = CatalogView.from_snapshot(snapshot(), "dc1")
 
     async def main() -> None:
-        server = DnsServer(lambda: view, DnsConfig(), port=port)
+        limiter = QueryRateLimiter(rate_limit) if rate_limit > 0 else None
+        server = DnsServer(lambda: view, DnsConfig(), port=port, rate_limiter=limiter)
         await server.start()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -157,13 +159,14 @@ def ensure_tools() -> bool:
     return True
 
 
-def start_agent(dns_port: int) -> tuple[subprocess.Popen, int]:
+def start_agent(dns_port: int, rate_limit: float = 0.0) -> tuple[subprocess.Popen, int]:
     """A real `lictor agent -dev` holding the same records, registered through its HTTP API."""
     import httpx
 
     http_port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lictor.cli", "agent", "-dev", "-node", "bench",
-                             "-http-port", str(http_port), "-dns-port", str(dns_port)],
+                             "-http-port", str(http_port), "-dns-port", str(dns_port),
+                             *(["-dns-rate-limit", str(rate_limit)] if rate_limit > 0 else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + 20
@@ -193,6 +196,8 @@ def run_bench(args: argparse.Namespace) -> int:
         servers: dict[str, list[str]] = {}
         lport = free_port()
         servers["lictor"] = [sys.executable, __file__, "--serve", str(lport)] + (["--uvloop"] if args.uvloop else [])
+        if args.dns_rate_limit > 0:
+            servers["lictor"] += ["--dns-rate-limit", str(args.dns_rate_limit)]
         uport = free_port()
         conf = os.path.join(tmp, "unbound.conf")
         Path(conf).write_text(unbound_conf(uport, tmp, args.unbound_threads))
@@ -203,7 +208,7 @@ def run_bench(args: argparse.Namespace) -> int:
         ports["agent"] = aport
         for name, cmd in servers.items():
             if name == "agent":
-                proc, _ = start_agent(aport)
+                proc, _ = start_agent(aport, args.dns_rate_limit)
                 time.sleep(0.5)  # let the agent's view pick up the registrations
             else:
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None)
@@ -241,9 +246,11 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--unbound-threads", type=int, default=1)
     p.add_argument("--outstanding", type=int, default=200, help="dnsperf -q for the max-QPS run")
+    p.add_argument("--dns-rate-limit", type=float, default=0.0,
+                   help="per-client query limit for our servers (dnsperf is one client; 1e9 = on but never biting)")
     args = p.parse_args()
     if args.serve:
-        serve(args.serve, args.uvloop)
+        serve(args.serve, args.uvloop, args.dns_rate_limit)
         return 0
     return run_bench(args)
 
