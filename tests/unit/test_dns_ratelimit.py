@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
@@ -150,7 +151,7 @@ def test_server_refuse_counts_by_rcode_and_calls_back() -> None:
     assert server.refuse(b"\x00") is None and calls == [1]  # dropped packets are not counted
 
 
-def test_flags_and_config_file(tmp_path) -> None:  # noqa: ANN001
+def test_flags_and_config_file(tmp_path: Path) -> None:
     assert rate_limiter(parse_agent_args(["-dev"])) is None  # off by default, like -http-rate-limit
     config = parse_agent_args(["-dev", "-dns-rate-limit", "250", "-dns-rate-burst", "1000"])
     limiter = rate_limiter(config)
