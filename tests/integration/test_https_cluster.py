@@ -241,10 +241,16 @@ def test_startup_errors_are_one_line(certs: Certs, tmp_path: Path) -> None:
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_a_server_joins_the_running_cluster_over_https(cluster: TLSCluster) -> None:
-    """Runs last: it grows the module's cluster to four."""
+def test_a_server_joins_and_leaves_over_https(cluster: TLSCluster) -> None:
+    """Runs last: a fourth server joins the running cluster (signed join to the leader), then leaves
+    gracefully (it asks the leader to drop it), both over HTTPS."""
     new = cluster.add_server("s4")
-    wait_until(lambda: new.raft_addr in cluster.servers[0].get("/v1/status/peers").json(), 40, 0.2,
-               "s4 among the peers")
+    first = cluster.servers[0]
+    wait_until(lambda: new.raft_addr in first.get("/v1/status/peers").json(), 40, 0.2, "s4 among the peers")
     cluster.wait_leader()
     wait_until(lambda: new.get("/v1/catalog/service/ext").json(), 20, 0.2, "the state replicated to s4")
+    assert new.put("/v1/agent/leave", timeout=30).status_code == 200
+    wait_until(lambda: new.raft_addr not in first.get("/v1/status/peers").json(), 30, 0.2, "s4 out of the peers")
+    cluster.servers.remove(new)
+    new.kill()
+    cluster.wait_leader()
