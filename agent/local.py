@@ -39,6 +39,7 @@ from lictor.agent.definitions import (
     decode_service_registration,
     load_config_dir,
 )
+from lictor.agent.server_http import ServerHTTP, ServerHTTPError, ServerResponse
 from lictor.config import AgentConfig
 from lictor.decode import AnyValue, Str, Struct, decode_body
 from lictor.errors import APIError, BadRequest, NotFound
@@ -102,6 +103,9 @@ class ServerPool:
         self.scheme = scheme  # for addresses given without one; `https://host:port` in -retry-join also works
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0), limits=httpx.Limits(max_connections=512),
                                         verify=verify)
+        # The hot path (forwarding, anti-entropy, ACL lookups) uses lean keep-alive connections; the
+        # httpx client stays for rare calls and carries the agent token (`apply_agent_token`).
+        self.http = ServerHTTP(verify if isinstance(verify, ssl.SSLContext) else None)
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> ServerPool:
@@ -111,6 +115,8 @@ class ServerPool:
 
         pool = cls(config.retry_join, scheme=tls.default_scheme(config), verify=tls.outgoing_context(config))
         tls.apply_server_name(pool.client, config)
+        if config.verify_server_hostname:
+            pool.http.server_hostname = tls.server_name(config)
         return pool
 
     def url(self, address: str, path: str) -> str:
@@ -120,15 +126,24 @@ class ServerPool:
         if address not in self.addresses:
             self.addresses.append(address)
 
-    async def request(self, method: str, path: str, *, timeout: float = 10.0, **kwargs: Any) -> httpx.Response:
+    async def request(self, method: str, path: str, *, timeout: float = 10.0, json_body: Any = None,
+                      content: bytes = b"", headers: dict[str, str] | None = None) -> ServerResponse:
         if not self.addresses:
             raise APIError("No known Consul servers: start the agent with -retry-join <server HTTP address>", 500)
+        headers = dict(headers or {})
+        if json_body is not None:
+            content = json.dumps(json_body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        token = self.client.headers.get("X-Consul-Token")
+        if token and not any(k.lower() in ("x-consul-token", "authorization") for k in headers):
+            headers["X-Consul-Token"] = token
         last: Exception | None = None
         for attempt in range(len(self.addresses)):
             address = self.addresses[(self.current + attempt) % len(self.addresses)]
             try:
-                resp = await self.client.request(method, self.url(address, path), timeout=timeout, **kwargs)
-            except httpx.HTTPError as exc:
+                resp = await self.http.request(method, self.url(address, path), headers=headers, content=content,
+                                               timeout=timeout)
+            except ServerHTTPError as exc:
                 last = exc
                 continue
             if resp.status_code == 500 and "No cluster leader" in resp.text and attempt + 1 < len(self.addresses):
@@ -139,6 +154,7 @@ class ServerPool:
         raise APIError(f"No known Consul servers reachable ({last})", 500)
 
     async def close(self) -> None:
+        await self.http.close()
         await self.client.aclose()
 
 
@@ -147,7 +163,7 @@ class RemoteBackend(ServerBackend):
         self.pool = pool
 
     async def _put(self, path: str, body: dict[str, Any]) -> None:
-        resp = await self.pool.request("PUT", path, json=body)
+        resp = await self.pool.request("PUT", path, json_body=body)
         if resp.status_code != 200:
             raise APIError(f"server answered {resp.status_code}: {resp.text[:200]}", resp.status_code)
 
@@ -991,10 +1007,12 @@ def forwarding_route(pool: ServerPool) -> Callable[[Request], Awaitable[Response
                 wait = 300.0
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("x-consul-token", "authorization", "content-type")}
         try:
-            resp = await pool.request(
-                request.method, request.url.path + (f"?{request.url.query}" if request.url.query else ""),
-                content=body, headers=headers, timeout=wait + wait / 16 + 10,
-            )
+            # Relay the target exactly as it came (percent-escapes in KV keys included).
+            raw_path = request.scope.get("raw_path") or request.url.path.encode()
+            query = request.scope.get("query_string") or b""
+            target = (raw_path + (b"?" + query if query else b"")).decode("latin-1")
+            resp = await pool.request(request.method, target, content=body, headers=headers,
+                                      timeout=wait + wait / 16 + 10)
         except APIError as exc:
             return PlainTextResponse(exc.message, status_code=exc.status)
         keep = {k: v for k, v in resp.headers.items() if k.lower().startswith("x-consul") or k.lower() == "content-type"}
