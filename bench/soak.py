@@ -133,6 +133,7 @@ class Client:
         if not live:
             return
         target = random.choice(live)
+        self.n += 1  # fill() calls this without step(): every registration gets its own ID
         sid = f"soak-w{self.wid}-{self.n}"
         body = json.dumps({"Name": random.choice(SERVICE_NAMES), "ID": sid, "Port": 1000 + self.n % 60000,
                            "Tags": [f"w{self.wid}"], "Meta": {"client": str(self.wid)}}).encode()
