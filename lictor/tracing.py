@@ -75,6 +75,9 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 _B3_ID = re.compile(r"[0-9a-fA-F]{16}|[0-9a-fA-F]{32}")
+# The common form (version 00) in one match instead of four: every hop parses its caller's header.
+_TP00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_MASK64 = (1 << 64) - 1
 
 _rng = random.Random()  # ids need uniqueness, not secrecy (the OTel SDKs do the same)
 _bits = _rng.getrandbits
@@ -173,6 +176,12 @@ def _trace_headers_of(pairs: Iterable[tuple[Any, Any]]) -> dict[str, str]:
 def parse_traceparent(value: str) -> TraceContext | None:
     """W3C Trace Context level 1; None when invalid (then a new trace starts)."""
     v = value.strip()
+    m = _TP00.fullmatch(v)
+    if m is not None:
+        trace_id, span_id, flags = m.groups()
+        if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+            return None
+        return TraceContext(trace_id, span_id, bool(int(flags, 16) & 1))
     if len(v) < 55 or v[2] != "-" or v[35] != "-" or v[52] != "-":
         return None
     version = v[:2]
@@ -353,6 +362,28 @@ class Tracer:
             return True
         return int(trace_id[16:], 16) < self._bound  # TraceIdRatioBased: consistent across proxies
 
+    def hop(self, parent: TraceContext | None) -> TraceContext | bytes:
+        """The cheap entry of a hop that keeps no access log: a sampled hop gets `root(parent)` (record
+        spans under it); an unsampled one gets only the header lines to pass on (the same trace, or a new
+        one, under a fresh span id) and nothing else is allocated.
+
+        A new trace's id is one `getrandbits(128)` whose low 64 bits are the ratio decision, so the id
+        is formatted only when the trace is recorded or a header is built.
+        """
+        if parent is None or not parent.trace_id:
+            r = _bits(128) or 1
+            sampled = parent.sampled if parent is not None else (r & _MASK64) < self._bound
+            if sampled:
+                return TraceContext(f"{r:032x}", "", True, b3=parent.b3 if parent is not None else "")
+            if parent is None or not parent.b3:
+                return b"traceparent: 00-%032x-%016x-00\r\n" % (r, _bits(64) or 1)
+            return header_lines(f"{r:032x}", f"{_bits(64) or 1:016x}", False, "", parent.b3)
+        if parent.sampled:
+            return parent
+        if not parent.tracestate and not parent.b3:
+            return b"traceparent: 00-%s-%016x-00\r\n" % (parent.trace_id.encode(), _bits(64) or 1)
+        return header_lines(parent.trace_id, f"{_bits(64) or 1:016x}", False, parent.tracestate, parent.b3)
+
     def root(self, parent: TraceContext | None) -> TraceContext:
         """The context a hop continues: `parent` when it carries a trace, else a new trace (span id "")
         sampled by ratio (a bare B3 decision is honoured). Spans started under it are the trace's roots."""
@@ -423,8 +454,25 @@ def _pair(k: str, v: Any) -> str:
     return out
 
 
+# a span's whole attribute list (and its value types: 1 == True == 1.0) -> its encoded text
+_ATTRS: dict[tuple[tuple[tuple[str, Any], ...], tuple[type, ...]], str] = {}
+
+
 def _attributes(attrs: Mapping[str, Any]) -> str:
-    return ",".join([_pair(k, v) for k, v in attrs.items() if v is not None])
+    # Most spans of one proxy carry the same attribute values as many before them (service, route,
+    # target, instance, status): one tuple hash replaces ten pair lookups.
+    items = tuple(attrs.items())
+    try:
+        key = (items, tuple(map(type, attrs.values())))
+        out = _ATTRS.get(key)
+    except TypeError:  # an unhashable value: encode without the cache
+        return ",".join([_pair(k, v) for k, v in items if v is not None])
+    if out is None:
+        out = ",".join([_pair(k, v) for k, v in items if v is not None])
+        if len(_ATTRS) >= 4096:  # bounded; varied paths or clients would otherwise grow it forever
+            _ATTRS.clear()
+        _ATTRS[key] = out
+    return out
 
 
 def _span_json(s: Span) -> str:

@@ -79,9 +79,14 @@ class _InReq:
 
 
 class _ObservedApp(_AppSide):
-    """The app side of an observed http connection: relays, then parses the responses for their status."""
+    """The app side of an observed http connection: relays, then parses the responses for their status.
 
-    __slots__ = ("conn", "rparser", "status", "sent", "reset")
+    Every response is parsed, sampled or not, because only the parser knows where one ends and the
+    next (maybe a sampled request's) begins; so the callbacks are as few as that needs: the head
+    (status, HEAD) and the end. The body's size is counted only for an access log (`_LoggedApp`).
+    """
+
+    __slots__ = ("conn", "rparser", "status", "sent", "reset", "last")
 
     def __init__(self, conn: InboundHTTPConn) -> None:
         super().__init__()
@@ -90,14 +95,22 @@ class _ObservedApp(_AppSide):
         self.status = 0
         self.sent = 0
         self.reset = False  # a HEAD response ended at its head: a fresh parser for what follows
+        self.last = b""  # the previous chunk (a header end may straddle two)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)  # the caller first; parsing is bookkeeping
-        p = self.rparser
-        if p is None:
+        if self.rparser is None:
             return
+        if self.conn._heads:
+            self._feed_heads(data)
+        else:
+            self._feed(data)
+        self.last = data
+
+    def _feed(self, data: bytes) -> bool:
+        """Parse `data`; False once this connection is no longer observed."""
         try:
-            p.feed_data(data)
+            self.rparser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.conn._response_done(self.status or 101, 0)
             self.rparser = None  # the rest is not HTTP
@@ -107,12 +120,27 @@ class _ObservedApp(_AppSide):
         if self.reset:
             self.reset = False
             self.rparser = httptools.HttpResponseParser(self)
+        return self.rparser is not None
 
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self.status = 0
-        self.sent = 0
+    def _feed_heads(self, data: bytes) -> None:
+        """A HEAD request awaits its answer: parse up to each header end separately.
 
+        httptools cannot be told that a HEAD response has no body, so its parser would take the
+        next response's bytes as that body. Cut at every `\\r\\n\\r\\n` (a response head ends at one of
+        them; extra cuts are harmless) and start a fresh parser right after the HEAD response's head.
+        """
+        tail = self.last[-3:]
+        joined = tail + data  # a head's end may begin in the previous chunk
+        start = search = 0
+        while start < len(data):
+            i = joined.find(b"\r\n\r\n", search)
+            end = len(data) if i < 0 else i + 4 - len(tail)
+            search = i + 4
+            if not self._feed(data[start:end]):
+                return
+            start = end
+
+    # httptools callbacks (each one defined is a Python call per response)
     def on_headers_complete(self) -> None:
         self.status = self.rparser.get_status_code()
         pending = self.conn._inflight
@@ -121,13 +149,20 @@ class _ObservedApp(_AppSide):
             self.conn._response_done(self.status, 0)  # no body follows, whatever the headers say
             self.reset = True
 
-    def on_body(self, body: bytes) -> None:
-        self.sent += len(body)
-
     def on_message_complete(self) -> None:
         if self.reset or (self.status < 200 and self.status != 101):
             return  # a HEAD answer (done) or an interim 1xx: the request's response is still to come
         self.conn._response_done(self.status, self.sent)
+        self.sent = 0
+
+
+class _LoggedApp(_ObservedApp):
+    """`_ObservedApp` that also counts each response's body bytes (the access log's bytes_sent)."""
+
+    __slots__ = ()
+
+    def on_body(self, body: bytes) -> None:
+        self.sent += len(body)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -198,7 +233,7 @@ class InboundHTTPConn(InboundConn):
     """
 
     __slots__ = ("parser", "_url", "_headers", "_allowed", "_chunked", "_denied", "_raw", "_forwarded",
-                 "_deny_body", "_deny_timer", "_obs", "_inflight", "_cur", "_down_addr")
+                 "_deny_body", "_deny_timer", "_obs", "_inflight", "_heads", "_cur", "_down_addr")
 
     def __init__(self, listener: InboundListener) -> None:
         super().__init__(listener)
@@ -217,6 +252,7 @@ class InboundHTTPConn(InboundConn):
         # Forwarded requests awaiting their response, in order: an _InReq when traced or logged, else
         # None (_HEAD for a HEAD), so the app's responses pair with their requests.
         self._inflight: collections.deque[Any] = collections.deque()
+        self._heads = 0  # HEAD requests among them (their responses are parsed with care)
         self._cur: _InReq | None = None  # the request whose body is arriving
         self._down_addr = ""
 
@@ -231,7 +267,9 @@ class InboundHTTPConn(InboundConn):
         self._flush_pending()
 
     def _app_side(self) -> Pipe:
-        return _ObservedApp(self) if self._obs is not None else _AppSide()
+        if self._obs is None:
+            return _AppSide()
+        return _LoggedApp(self) if self._obs.access_log is not None else _ObservedApp(self)
 
     # observation --------------------------------------------------------------------------------
     def _observe(self, method: str, path: str, headers: dict[str, str], allowed: bool) -> bytes | None:
@@ -242,6 +280,14 @@ class InboundHTTPConn(InboundConn):
         ctx = TraceContext.from_headers(headers)
         span: Span | None = None
         hdr: bytes | None = None
+        if tracer is not None and obs.access_log is None:
+            hop = tracer.hop(ctx)
+            if isinstance(hop, bytes):  # unsampled, unlogged: only the header lines, no record
+                if allowed:
+                    self._expect(None, method)
+                    return hop
+                return None
+            ctx = hop  # sampled: the span below continues it (root() returns a sampled context as is)
         if tracer is not None:
             root = tracer.root(ctx)
             if root.sampled:
@@ -265,20 +311,30 @@ class InboundHTTPConn(InboundConn):
                 self._log(_InReq(None, trace_id, span_id, method, path), 403, 0, "deny")
             return None
         if span is None and obs.access_log is None:
-            self._inflight.append(_HEAD if method == "HEAD" else None)
-            self._cur = None
+            self._expect(None, method)
             return hdr
-        rec = self._cur = _InReq(span, trace_id, span_id, method, path)
-        self._inflight.append(rec)
+        self._expect(_InReq(span, trace_id, span_id, method, path), method)
         return hdr
+
+    def _expect(self, rec: _InReq | None, method: str) -> None:
+        """A forwarded request whose response comes next after the ones already awaited."""
+        self._cur = rec
+        if method == "HEAD":
+            self._heads += 1
+            self._inflight.append(_HEAD if rec is None else rec)
+        else:
+            self._inflight.append(rec)
 
     def _response_done(self, status: int, sent: int) -> None:
         if self._inflight:
             rec = self._inflight.popleft()
+            if rec is _HEAD or (rec is not None and rec.method == "HEAD"):
+                self._heads -= 1
             if rec is not None and rec is not _HEAD:
                 self._finish(rec, status, sent)
 
     def _flush_pending(self) -> None:
+        self._heads = 0
         while self._inflight:
             rec = self._inflight.popleft()
             if rec is not None and rec is not _HEAD:

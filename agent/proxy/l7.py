@@ -466,10 +466,17 @@ class L7Router:
             ctx = TraceContext.from_headers(hdrs)
             span_id = None
             if tracer is not None:
-                ctx = tracer.root(ctx)
-                if not ctx.sampled:
-                    span_id = new_span_id()
-                    trace = header_lines(ctx.trace_id, span_id, False, ctx.tracestate, ctx.b3)
+                if obs.access_log is None:
+                    hop = tracer.hop(ctx)  # unsampled: only the header lines, nothing else
+                    if isinstance(hop, bytes):
+                        trace, ctx = hop, None
+                    else:
+                        ctx = hop
+                else:
+                    ctx = tracer.root(ctx)
+                    if not ctx.sampled:
+                        span_id = new_span_id()
+                        trace = header_lines(ctx.trace_id, span_id, False, ctx.tracestate, ctx.b3)
             if (ctx is not None and ctx.sampled and tracer is not None) or obs.access_log is not None:
                 rec = down.rec = _OutReq(tracer, ctx, span_id, req, path, dest, d)
         skip = _HOP_BY_HOP if tracer is None else _HOP_BY_HOP_AND_TRACE

@@ -5,6 +5,8 @@ under the caller's context after the intention decision, the app sees the span's
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -15,7 +17,7 @@ import pytest
 from lictor.agent.proxy.authz import Authorizer
 from lictor.agent.proxy.balancer import Endpoint
 from lictor.agent.proxy.config import ProxySpec, UpstreamSpec
-from lictor.agent.proxy.inbound import InboundListener
+from lictor.agent.proxy.inbound import _HEAD, InboundListener, _ObservedApp
 from lictor.agent.proxy.observe import Observer, ObserveSettings, settings_from_config
 from lictor.agent.proxy.outbound import Upstream
 from lictor.agent.proxy.state import ProxyState
@@ -83,11 +85,11 @@ class Env:
         return [json.loads(x) for x in self.log.read_text().splitlines()]
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def _env(tmp_path: Path, access_log: bool) -> AsyncIterator[Env]:
     app = await asyncio.start_server(_app, "127.0.0.1", 0)
     srv_mat = material("api")
-    observer = Observer("api", ObserveSettings(access_log=str(tmp_path / "access.jsonl")))
+    observer = Observer("api", ObserveSettings(access_log=str(tmp_path / "access.jsonl") if access_log else ""))
     exporter = MemoryExporter()
     observer.tracer = Tracer("api", exporter, 1.0)
     authz = Authorizer("api")
@@ -113,6 +115,19 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         await inbound.stop()
         observer.close()
         app.close()
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async with _env(tmp_path, access_log=True) as e:
+        yield e
+
+
+@pytest.fixture
+async def env_traced_only(tmp_path: Path) -> AsyncIterator[Env]:
+    """Tracing without an access log: unsampled requests take the no-record path (`Tracer.hop`)."""
+    async with _env(tmp_path, access_log=False) as e:
+        yield e
 
 
 async def test_inbound_span_continues_the_callers_trace(env: Env) -> None:
@@ -186,3 +201,50 @@ def test_settings_from_proxy_config_and_flags() -> None:
     assert settings_from_config({"trace_sample_ratio": "x"}).trace_sample_ratio == 1.0
     assert s.merged(None, None, None) == s
     assert s.merged("", 1.0, None) == ObserveSettings("", 1.0, "-")  # flags win, "" turns it off
+
+
+async def test_without_access_log_sampled_and_unsampled_pair_on_one_connection(env_traced_only: Env) -> None:
+    """Unsampled requests keep no record, yet their responses must not be paired with a sampled one's."""
+    env = env_traced_only
+    raw = (f"GET /quiet HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{TID}-{SID}-00\r\n\r\n"
+           f"HEAD /quiet-head HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{TID}-{SID}-00\r\n\r\n"
+           f"POST /teapot HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{TID}-{SID}-01\r\ncontent-length: 2\r\n\r\nhi"
+           f"GET /quiet2 HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{TID}-{SID}-00\r\n\r\n"
+           f"GET /loud HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{TID}-{SID}-01\r\n\r\n").encode()
+    out = await env.request(raw, responses=5, no_body=(1,))
+    assert [r.split(b" ")[1] for r in out] == [b"200", b"200", b"418", b"200", b"200"]
+    quiet = out[0].split(b"|")[1].decode()
+    assert quiet.startswith(f"00-{TID}-") and quiet.endswith("-00") and SID not in quiet
+    by_path = {s.attrs["url.path"]: s for s in env.exporter.spans}
+    assert set(by_path) == {"/teapot", "/loud"}  # the unsampled ones recorded nothing
+    assert by_path["/teapot"].attrs["http.response.status_code"] == 418
+    assert by_path["/loud"].attrs["http.response.status_code"] == 200
+    assert out[4].split(b"|")[1].decode() == f"00-{TID}-{by_path['/loud'].span_id}-01"
+    assert env.observer.access_log is None
+
+
+class _FakeConn:
+    """What `_ObservedApp` calls on its connection: the awaited responses, in order."""
+
+    def __init__(self, methods: list[str]) -> None:
+        self._inflight: collections.deque[object] = collections.deque(_HEAD if m == "HEAD" else None for m in methods)
+        self._heads = methods.count("HEAD")
+        self.done: list[int] = []
+
+    def _response_done(self, status: int, sent: int) -> None:
+        rec = self._inflight.popleft()
+        self._heads -= rec is _HEAD
+        self.done.append(status)
+
+
+@pytest.mark.parametrize("cut", [0, 20, 34, 35, 36, 37, 50])
+def test_head_response_then_more_in_one_read_or_split_anywhere(cut: int) -> None:
+    """A HEAD response's content-length announces no body: the next response must not be eaten as one."""
+    data = (b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"  # the HEAD's answer (38 bytes), no body
+            b"HTTP/1.1 418 X\r\ncontent-length: 2\r\n\r\nhi"
+            b"HTTP/1.1 204 X\r\n\r\n")
+    conn = _FakeConn(["HEAD", "GET", "GET"])
+    app = _ObservedApp(conn)  # type: ignore[arg-type]
+    for chunk in (data[:cut], data[cut:]) if cut else (data,):
+        app.data_received(chunk)
+    assert conn.done == [200, 418, 204] and app.rparser is not None

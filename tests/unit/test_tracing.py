@@ -172,6 +172,60 @@ def test_ratio_decision_is_consistent_for_one_trace_id() -> None:
     assert tracer.sample_new("0" * 16 + "f" * 16) is False
 
 
+def _header(raw: bytes) -> dict[str, str]:
+    assert raw.endswith(b"\r\n")
+    return dict(line.split(": ", 1) for line in raw.decode().split("\r\n") if line)
+
+
+def test_hop_unsampled_new_trace_is_only_a_header() -> None:
+    tracer = Tracer("gw", None, 0.0)
+    raw = tracer.hop(None)
+    assert isinstance(raw, bytes)
+    ctx = parse_traceparent(_header(raw)["traceparent"])
+    assert ctx is not None and not ctx.sampled and ctx.trace_id != "0" * 32 and ctx.span_id != "0" * 16
+    assert tracer.sample_new(ctx.trace_id) is False  # the id carries the decision it was made with
+
+
+def test_hop_new_trace_sampling_matches_the_ratio_rule() -> None:
+    tracer = Tracer("gw", None, 0.3)
+    hops = [tracer.hop(None) for _ in range(4000)]
+    sampled = [h for h in hops if isinstance(h, TraceContext)]
+    assert 0.25 < len(sampled) / len(hops) < 0.35
+    for h in sampled:
+        assert h.sampled and h.span_id == "" and len(h.trace_id) == 32 and tracer.sample_new(h.trace_id)
+    for h in hops[:200]:
+        if isinstance(h, bytes):
+            ctx = parse_traceparent(_header(h)["traceparent"])
+            assert ctx is not None and tracer.sample_new(ctx.trace_id) is False
+    assert isinstance(Tracer("gw", None, 1.0).hop(None), TraceContext)
+
+
+def test_hop_continues_a_callers_context() -> None:
+    tracer = Tracer("gw", None, 0.0)  # the caller's flag wins over the ratio either way
+    sampled = TraceContext(TID, SID, True, "k=v")
+    assert tracer.hop(sampled) is sampled
+    raw = tracer.hop(TraceContext(TID, SID, False))
+    assert isinstance(raw, bytes)
+    h = _header(raw)
+    assert list(h) == ["traceparent"] and h["traceparent"].startswith(f"00-{TID}-")
+    assert h["traceparent"].endswith("-00") and SID not in h["traceparent"]
+    raw = tracer.hop(TraceContext(TID, SID, False, "k=v", b3="multi"))
+    assert isinstance(raw, bytes)
+    h = _header(raw)
+    assert h["tracestate"] == "k=v" and h["x-b3-traceid"] == TID and h["x-b3-sampled"] == "0"
+    assert h["x-b3-spanid"] == h["traceparent"].split("-")[2] != SID
+
+
+def test_hop_honours_a_bare_b3_decision() -> None:
+    tracer = Tracer("gw", None, 0.0)
+    yes = tracer.hop(parse_b3_single("1"))
+    assert isinstance(yes, TraceContext) and yes.sampled and len(yes.trace_id) == 32 and yes.b3 == "single"
+    no = Tracer("gw", None, 1.0).hop(parse_b3_single("0"))
+    assert isinstance(no, bytes)
+    h = _header(no)
+    assert h["traceparent"].endswith("-00") and h["b3"].endswith("-0")
+
+
 def test_inject_replaces_existing_trace_headers() -> None:
     ctx = TraceContext(TID, SID, True, "k=v")
     pairs = [("host", "x"), ("Traceparent", "old"), ("b3", "old"), ("X-B3-SpanId", "old")]
