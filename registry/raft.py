@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import struct
 import threading
 import time
 import traceback
@@ -36,6 +37,69 @@ log = logging.getLogger("lictor.raft")
 _RETRYABLE = {2, 3, 4, 5, 7}  # MISSING_LEADER, DISCARDED, NOT_LEADER, LEADER_CHANGED, UNKNOWN_OUTCOME
 _QUEUE_FULL = 1
 MAX_BATCH = 256  # commands per Raft entry at most (keeps one entry's pickle and apply short)
+MAX_BATCH_BYTES = 8 * 1024 * 1024  # and bytes: a batch never outgrows what one command may be
+
+# Declared lengths of pysyncobj frames we are willing to buffer. Before a connection has proved it
+# holds the cluster key (its first frame decrypts to the peer's session key, ~200 bytes), a stranger
+# gets a few KiB; after, up to the biggest legitimate entry: a 256 MiB snapshot restore, zlib'd and
+# Fernet-encoded (x4/3), with room to spare. pysyncobj itself buffers whatever a frame declares.
+HANDSHAKE_FRAME_MAX = 4096
+AUTHENTICATED_FRAME_MAX = 512 * 1024 * 1024
+
+
+_frame_warned = [0.0]
+
+
+def _limit_raft_frames() -> None:
+    """Make pysyncobj hang up on a frame longer than the limits above instead of buffering it."""
+    from pysyncobj import tcp_connection
+
+    cls = tcp_connection.TcpConnection
+    if getattr(cls, "_lictor_frame_limit", False):
+        return
+    read_some = cls._TcpConnection__processRead  # type: ignore[attr-defined]
+    parse = cls._TcpConnection__processParseMessage  # type: ignore[attr-defined]
+
+    def refuse_oversized(conn: Any) -> bool:
+        buffered = conn._TcpConnection__readBuffer
+        if len(buffered) < 4:
+            return False
+        declared = struct.unpack("i", buffered[:4])[0]
+        limit = AUTHENTICATED_FRAME_MAX if conn.recvRandKey else HANDSHAKE_FRAME_MAX
+        if 0 <= declared <= limit:
+            return False
+        now = time.monotonic()
+        if now - _frame_warned[0] > 10.0:  # a flood of strangers must not flood the log
+            _frame_warned[0] = now
+            log.warning("raft: a peer declared a %d-byte frame (limit %d; %d before the key handshake, %d after); "
+                        "disconnected", declared, limit, HANDSHAKE_FRAME_MAX, AUTHENTICATED_FRAME_MAX)
+        _count_refusal("raft_frame")
+        conn.disconnect()
+        return True
+
+    def guarded_read(conn: Any) -> None:
+        # pysyncobj reads until the socket is drained; a fast sender could keep it buffering forever.
+        while read_some(conn):
+            if refuse_oversized(conn):
+                return
+        conn._TcpConnection__lastReadTime = time.monotonic()
+
+    def guarded_parse(conn: Any) -> Any:
+        if refuse_oversized(conn):
+            return None
+        return parse(conn)
+
+    cls._TcpConnection__tryReadBuffer = guarded_read  # type: ignore[attr-defined]
+    cls._TcpConnection__processParseMessage = guarded_parse  # type: ignore[attr-defined]
+    cls._lictor_frame_limit = True  # type: ignore[attr-defined]
+
+
+def _count_refusal(kind: str) -> None:
+    try:
+        from lictor.limits import count_refusal
+    except ImportError:  # pragma: no cover
+        return
+    count_refusal(kind)
 
 
 def new_command(op: str, **fields: Any) -> dict[str, Any]:
@@ -328,6 +392,7 @@ class RaftLog(ConsensusLog):
             commandsWaitLeader=True,
             **s.extra,
         )
+        _limit_raft_frames()
         self._consumer, node_class = _build_replicated(self.store)
         # SyncObj binds its port and starts its tick thread in the constructor; it must be built
         # on the main thread, whose liveness its tick thread watches.
@@ -384,7 +449,13 @@ class RaftLog(ConsensusLog):
         self._flush_scheduled = False
         loop = asyncio.get_running_loop()
         while self._batch:
-            batch, self._batch = self._batch[:MAX_BATCH], self._batch[MAX_BATCH:]
+            size, take = 0, 0
+            for blob, _ in self._batch[:MAX_BATCH]:
+                size += len(blob)
+                if take and size > MAX_BATCH_BYTES:
+                    break
+                take += 1
+            batch, self._batch = self._batch[:take], self._batch[take:]
             if len(batch) == 1:
                 blob, fut = batch[0]
 

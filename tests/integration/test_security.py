@@ -177,6 +177,44 @@ def test_strangers_cannot_touch_raft(cluster3: Cluster) -> None:
         assert proc.alive(), proc.tail()
 
 
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_stranger_declaring_a_huge_raft_frame_is_cut_off(cluster3: Cluster) -> None:
+    """pysyncobj buffers whatever length a frame declares; before the key handshake we allow 4 KiB."""
+    target = cluster3.servers[0]
+    assert target.proc is not None
+    rss_before = _rss_kib(target.proc.pid)
+    sent_per_try = []
+    for _ in range(5):
+        sent = 0
+        try:
+            with socket.create_connection(("127.0.0.1", target.raft_port), timeout=2) as sock:
+                sock.sendall(struct.pack("i", 1 << 30))  # "a 1 GiB frame follows"
+                chunk = os.urandom(64 * 1024)
+                deadline = time.monotonic() + 5
+                while sent < 64 * 1024 * 1024 and time.monotonic() < deadline:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+        except OSError:
+            pass  # reset by the server: what we want
+        sent_per_try.append(sent)
+    # The server hung up long before 64 MiB (what got through is what the socket buffers held).
+    assert max(sent_per_try) < 16 * 1024 * 1024, sent_per_try
+    assert _rss_kib(target.proc.pid) - rss_before < 16 * 1024, "the server buffered the stranger's frame"
+    text = httpx.get(target.url + "/v1/agent/metrics?format=prometheus", timeout=5).text
+    assert 'lictor_limit_refusals_total{kind="raft_frame"}' in text
+    # The cluster is unharmed.
+    leader = cluster3.leader_proc()
+    assert leader.put("/v1/kv/still-fine", content=b"1").json() is True
+    wait_until(lambda: all(s.get("/v1/kv/still-fine?stale").status_code == 200 for s in cluster3.servers), 10, 0.1,
+               "replicated")
+
+
 # -- HTTP limits ---------------------------------------------------------------------------------------------
 
 
