@@ -98,25 +98,38 @@ class _ObservedApp(_AppSide):
         self.last = b""  # the previous chunk (a header end may straddle two)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)  # the caller first; parsing is bookkeeping
-        if self.rparser is None:
+        # Every response of an observed connection passes here: Pipe.data_received and the parse are
+        # inlined (each Python call is a measurable share of a hop).
+        peer = self.peer
+        if peer is not None:
+            peer.transport.write(data)  # type: ignore[union-attr]  # the caller first; parsing is bookkeeping
+        else:
+            self.send(data)
+        p = self.rparser
+        if p is None:
             return
         if self.conn._heads:
             self._feed_heads(data)
-        else:
-            self._feed(data)
+        else:  # no HEAD pending: no parser reset can happen (only a HEAD's head sets it)
+            try:
+                p.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+                self._stop(exc)
         self.last = data
+
+    def _stop(self, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserUpgrade):
+            self.conn._response_done(self.status or 101, 0)
+        else:
+            log.debug("inbound: cannot parse the app's response (%s); not observing this connection further", exc)
+        self.rparser = None  # after an upgrade the rest is not HTTP
 
     def _feed(self, data: bytes) -> bool:
         """Parse `data`; False once this connection is no longer observed."""
         try:
             self.rparser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.conn._response_done(self.status or 101, 0)
-            self.rparser = None  # the rest is not HTTP
-        except httptools.HttpParserError as exc:
-            log.debug("inbound: cannot parse the app's response (%s); not observing this connection further", exc)
-            self.rparser = None
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._stop(exc)
         if self.reset:
             self.reset = False
             self.rparser = httptools.HttpResponseParser(self)
@@ -142,17 +155,24 @@ class _ObservedApp(_AppSide):
 
     # httptools callbacks (each one defined is a Python call per response)
     def on_headers_complete(self) -> None:
-        self.status = self.rparser.get_status_code()
+        if not self.conn._heads:
+            return  # the status is read at the end
+        self.status = status = self.rparser.get_status_code()
         pending = self.conn._inflight
-        if self.status >= 200 and pending and (pending[0] is _HEAD or (
+        if status >= 200 and pending and (pending[0] is _HEAD or (
                 isinstance(pending[0], _InReq) and pending[0].method == "HEAD")):
-            self.conn._response_done(self.status, 0)  # no body follows, whatever the headers say
+            self.conn._response_done(status, 0)  # no body follows, whatever the headers say
             self.reset = True
 
     def on_message_complete(self) -> None:
-        if self.reset or (self.status < 200 and self.status != 101):
+        self.status = status = self.rparser.get_status_code()
+        if self.reset or (status < 200 and status != 101):
             return  # a HEAD answer (done) or an interim 1xx: the request's response is still to come
-        self.conn._response_done(self.status, self.sent)
+        pending = self.conn._inflight
+        if pending and pending[0] is None:
+            pending.popleft()  # an unrecorded request's response: nothing else to do
+        else:
+            self.conn._response_done(status, self.sent)
         self.sent = 0
 
 
@@ -277,17 +297,19 @@ class InboundHTTPConn(InboundConn):
         obs = self._obs
         assert obs is not None
         tracer = obs.tracer
-        ctx = TraceContext.from_headers(headers)
         span: Span | None = None
         hdr: bytes | None = None
+        ctx: TraceContext | None
         if tracer is not None and obs.access_log is None:
-            hop = tracer.hop(ctx)
+            hop = tracer.hop_from(headers)
             if isinstance(hop, bytes):  # unsampled, unlogged: only the header lines, no record
                 if allowed:
                     self._expect(None, method)
                     return hop
                 return None
             ctx = hop  # sampled: the span below continues it (root() returns a sampled context as is)
+        else:
+            ctx = TraceContext.from_headers(headers)
         if tracer is not None:
             root = tracer.root(ctx)
             if root.sampled:
@@ -319,11 +341,11 @@ class InboundHTTPConn(InboundConn):
     def _expect(self, rec: _InReq | None, method: str) -> None:
         """A forwarded request whose response comes next after the ones already awaited."""
         self._cur = rec
-        if method == "HEAD":
+        if method != "HEAD":
+            self._inflight.append(rec)
+        else:
             self._heads += 1
             self._inflight.append(_HEAD if rec is None else rec)
-        else:
-            self._inflight.append(rec)
 
     def _response_done(self, status: int, sent: int) -> None:
         if self._inflight:

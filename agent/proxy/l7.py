@@ -463,16 +463,17 @@ class L7Router:
         trace = b""
         tracer = obs.tracer if obs is not None else None
         if obs is not None:
-            ctx = TraceContext.from_headers(hdrs)
             span_id = None
-            if tracer is not None:
-                if obs.access_log is None:
-                    hop = tracer.hop(ctx)  # unsampled: only the header lines, nothing else
-                    if isinstance(hop, bytes):
-                        trace, ctx = hop, None
-                    else:
-                        ctx = hop
+            ctx: TraceContext | None
+            if tracer is not None and obs.access_log is None:
+                hop = tracer.hop_from(hdrs)  # unsampled: only the header lines, nothing else
+                if isinstance(hop, bytes):
+                    trace, ctx = hop, None
                 else:
+                    ctx = hop
+            else:
+                ctx = TraceContext.from_headers(hdrs)
+                if tracer is not None:
                     ctx = tracer.root(ctx)
                     if not ctx.sampled:
                         span_id = new_span_id()

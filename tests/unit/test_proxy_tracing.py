@@ -17,7 +17,7 @@ import pytest
 from lictor.agent.proxy.authz import Authorizer
 from lictor.agent.proxy.balancer import Endpoint
 from lictor.agent.proxy.config import ProxySpec, UpstreamSpec
-from lictor.agent.proxy.inbound import _HEAD, InboundListener, _ObservedApp
+from lictor.agent.proxy.inbound import InboundListener, _InReq, _ObservedApp
 from lictor.agent.proxy.observe import Observer, ObserveSettings, settings_from_config
 from lictor.agent.proxy.outbound import Upstream
 from lictor.agent.proxy.state import ProxyState
@@ -227,13 +227,15 @@ class _FakeConn:
     """What `_ObservedApp` calls on its connection: the awaited responses, in order."""
 
     def __init__(self, methods: list[str]) -> None:
-        self._inflight: collections.deque[object] = collections.deque(_HEAD if m == "HEAD" else None for m in methods)
+        self._inflight: collections.deque[object] = collections.deque(
+            _InReq(None, None, None, m, "/") for m in methods)  # recorded requests: each response reports
         self._heads = methods.count("HEAD")
         self.done: list[int] = []
 
     def _response_done(self, status: int, sent: int) -> None:
         rec = self._inflight.popleft()
-        self._heads -= rec is _HEAD
+        assert isinstance(rec, _InReq)
+        self._heads -= rec.method == "HEAD"
         self.done.append(status)
 
 

@@ -226,6 +226,20 @@ def test_hop_honours_a_bare_b3_decision() -> None:
     assert h["traceparent"].endswith("-00") and h["b3"].endswith("-0")
 
 
+def test_hop_from_headers_matches_hop_of_the_parsed_context() -> None:
+    tracer = Tracer("gw", None, 0.0)
+    h = _header(tracer.hop_from({"traceparent": f"00-{TID}-{SID}-00", "host": "x"}))  # type: ignore[arg-type]
+    assert list(h) == ["traceparent"] and h["traceparent"].startswith(f"00-{TID}-") and SID not in h["traceparent"]
+    assert tracer.hop_from({"traceparent": f"00-{TID}-{SID}-01"}) == TraceContext(TID, SID, True)
+    h = _header(tracer.hop_from({"traceparent": f"00-{TID}-{SID}-00", "tracestate": "k=v"}))  # type: ignore[arg-type]
+    assert h["tracestate"] == "k=v" and h["traceparent"].startswith(f"00-{TID}-")
+    h = _header(tracer.hop_from({"traceparent": f"00-{'0' * 32}-{SID}-00"}))  # type: ignore[arg-type]
+    assert TID not in h["traceparent"] and "0" * 32 not in h["traceparent"]  # invalid: a new trace
+    h = _header(tracer.hop_from({"x-b3-sampled": "0"}))  # type: ignore[arg-type]
+    assert h["x-b3-sampled"] == "0" and h["traceparent"].endswith("-00")
+    assert isinstance(Tracer("gw", None, 1.0).hop_from({}), TraceContext)
+
+
 def test_inject_replaces_existing_trace_headers() -> None:
     ctx = TraceContext(TID, SID, True, "k=v")
     pairs = [("host", "x"), ("Traceparent", "old"), ("b3", "old"), ("X-B3-SpanId", "old")]
