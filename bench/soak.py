@@ -65,6 +65,7 @@ class State:
     deregistered: set[str] = field(default_factory=set)  # acked deregistrations
     ambiguous: set[str] = field(default_factory=set)  # service ids with an unanswered request
     reads: list[tuple[float, float]] = field(default_factory=list)  # (t, latency s)
+    read_kinds: list[tuple[str, str]] = field(default_factory=list)  # (target, endpoint), parallel to reads
     writes: list[tuple[float, float]] = field(default_factory=list)
     ok: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
@@ -190,6 +191,7 @@ class Client:
             return
         if status == 200:
             st.reads.append((start - st.t0, time.monotonic() - start))
+            st.read_kinds.append((target, path.split("?")[0].rsplit("/", 1)[0] if "/kv/" in path else path.split("?")[0]))
             st.count(st.ok, "read")
         else:
             st.count(st.errors, f"read_{status}")
@@ -291,6 +293,7 @@ async def unloaded_reads(state: State, secs: float, workers: int = 8) -> list[fl
     await asyncio.gather(*(one(w) for w in range(workers)))
     latencies = [lat for _, lat in state.reads]
     state.reads.clear()
+    state.read_kinds.clear()
     state.ok.clear()
     state.errors.clear()
     return latencies
@@ -345,7 +348,7 @@ def verify(state: State, servers: list[AgentProc], timeout: float = 60.0) -> dic
 
 
 async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think: float = 0.5,
-                   restart_signal: str = "kill", baseline_secs: float = 4.0) -> dict[str, Any]:
+                   restart_signal: str = "kill", baseline_secs: float = 4.0, faults_on: bool = True) -> dict[str, Any]:
     cluster = Cluster(root, 3)
     agents: list[AgentProc] = []
     out: dict[str, Any] = {"machine": machine(), "duration": duration, "clients": clients, "think": think,
@@ -406,7 +409,7 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
             log(f"t={time.monotonic() - state.t0:.1f}s: SIGKILL client agent {victim_client.name}")
             await asyncio.to_thread(victim_client.kill)
 
-        fault_task = asyncio.gather(faults(), kill_client())
+        fault_task = asyncio.gather(faults(), kill_client()) if faults_on else asyncio.sleep(0)
         box0 = box_busy()
         await asyncio.sleep(duration)
         out["box_busy_cores_during_load"] = (box_busy() - box0) / duration
@@ -423,6 +426,16 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         reads = [lat for _, lat in state.reads]
         calm = [lat for t, lat in state.reads if not any(t_ev <= t < t_ev + 5 for t_ev, _ in state.events)]
         writes = [lat for _, lat in state.writes]
+        by: dict[str, list[float]] = {}
+        for (_, lat), (target, endpoint) in zip(state.reads, state.read_kinds, strict=True):
+            kind = "server" if target.startswith("s") else "client agent"
+            by.setdefault(f"via {kind}", []).append(lat)
+            by.setdefault(endpoint if "/health/" not in endpoint else "/v1/health/service/<name>", []).append(lat)
+        timeline: dict[int, list[float]] = {}
+        for t, lat in state.reads:
+            timeline.setdefault(int(t // 5) * 5, []).append(lat)
+        out["read_p99_ms_by"] = {k: (len(v), pct(v, 99) * 1e3) for k, v in sorted(by.items())}
+        out["read_p99_ms_per_5s"] = {t: (len(v), pct(v, 99) * 1e3) for t, v in sorted(timeline.items())}
         out["loaded"] = {
             "reads": len(reads), "read_p50_ms": pct(reads, 50) * 1e3, "read_p99_ms": pct(reads, 99) * 1e3,
             "read_p99_ms_outside_faults": pct(calm, 99) * 1e3, "reads_outside_faults": len(calm),
@@ -432,8 +445,9 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
             "services_acked": len(state.acked_services), "services_deregistered": len(state.deregistered),
             "services_ambiguous": len(state.ambiguous),
         }
-        await asyncio.to_thread(victim_client.start)
-        await asyncio.to_thread(victim_client.wait_ready, 40)
+        if not victim_client.alive():
+            await asyncio.to_thread(victim_client.start)
+            await asyncio.to_thread(victim_client.wait_ready, 40)
         out["verify"] = await asyncio.to_thread(verify, state, cluster.servers)
         # The same reads again with the load gone and the catalog as the load left it: if this differs
         # much from the first baseline, the comparison is about data size, not load.
@@ -496,6 +510,8 @@ def report(out: dict[str, Any]) -> None:
               f"{m['rss_final_mib']:.1f}, last-10 s slope {m['slope_last10s_mib_per_s']:+.2f} MiB/s"
               f"{' (restarted; measured from its restart)' if m['restarted'] else ''}")
     print("cores used during the load: " + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_cores_during_load"].items()))
+    print("read p99 by target/endpoint: " + ", ".join(f"{k} {v[1]:.1f} ms (n={v[0]})" for k, v in out["read_p99_ms_by"].items()))
+    print("read p99 per 5 s: " + ", ".join(f"{t}s {v[1]:.0f}" for t, v in out["read_p99_ms_per_5s"].items()))
     print(f"events: {out['events']}")
     print(f"invariants: no acked write lost={inv['no_acked_write_lost']}  memory bounded={inv['memory_bounded']}  "
           f"read p99 ratio={inv['read_p99_ratio']:.2f} (within 2x: {inv['read_p99_within_2x']})")
@@ -507,6 +523,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--think", type=float, default=0.5)
     parser.add_argument("--restart-signal", choices=["kill", "term"], default="kill")
+    parser.add_argument("--no-faults", action="store_true", help="the same load with nothing killed (diagnosis)")
     parser.add_argument("--json", default="")
     parser.add_argument("--root", default="")
     args = parser.parse_args()
@@ -516,7 +533,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="lictor-soak-", dir=args.root or None) as tmp:
         log(f"soak: loop={loop_name}, root={tmp}")
-        out = asyncio.run(run_soak(Path(tmp), args.duration, args.clients, args.think, args.restart_signal))
+        out = asyncio.run(run_soak(Path(tmp), args.duration, args.clients, args.think, args.restart_signal,
+                                   faults_on=not args.no_faults))
     report(out)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
