@@ -66,8 +66,10 @@ CATALOG_SERVICE = Struct(
         "Port": Int(),
         "SocketPath": Str(),
         "Kind": Str(),
-        "Proxy": AnyValue(),
-        "Connect": AnyValue(),
+        # Objects, not any JSON: the connect views read fields of them (a list here made every
+        # /v1/catalog/connect and /v1/health/connect read a 500).
+        "Proxy": MapOf(AnyValue()),
+        "Connect": MapOf(AnyValue()),
         "Weights": WEIGHTS,
         "EnableTagOverride": Bool(),
         "Locality": AnyValue(),

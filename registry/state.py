@@ -12,6 +12,7 @@ query on a resource wakes when that resource is deleted, too.
 
 from __future__ import annotations
 
+import base64
 import copy
 import threading
 from collections.abc import Callable
@@ -498,10 +499,13 @@ class StateStore:
         """KV transactions: every check runs first; if any fails, nothing is applied."""
         ops = cmd.get("Ops") or []
         errors = []
+        # The checks see the earlier ops of the same txn (Consul runs them in order): a get after a
+        # delete of the same key must fail the txn here, not raise half-way through applying it.
+        pending: dict[str, dict[str, Any] | None] = {}
         for i, op in enumerate(ops):
             kv = op["KV"]
             verb, key = kv["Verb"], kv.get("Key", "")
-            existing = self.kv.get(key)
+            existing = pending[key] if key in pending else self.kv.get(key)
             index = kv.get("Index", 0)
             failed = None
             if verb in ("cas", "delete-cas", "check-index"):
@@ -516,6 +520,12 @@ class StateStore:
                 failed = "key does not exist"
             if failed:
                 errors.append({"OpIndex": i, "What": f'failed to {verb} key "{key}": {failed}'})
+            elif verb in ("set", "cas"):
+                pending[key] = {"ModifyIndex": self.index}
+            elif verb in ("delete", "delete-cas"):
+                pending[key] = None
+            elif verb == "delete-tree":
+                pending.update((k, None) for k in set(self.kv) | set(pending) if k.startswith(key))
         if errors:
             return _ok({"Results": None, "Errors": errors})
         results = []
@@ -637,6 +647,7 @@ class StateStore:
         for name, value in restored.items():
             if not isinstance(value, dict):
                 raise CommandError(f"snapshot field {name!r} is not an object")
+        _check_restored(restored)
         index = self.index
         for name, value in restored.items():
             setattr(self, name, value)
@@ -791,6 +802,61 @@ def _acl_check_upsert(
     if any(r["Name"] == record["Name"] and r["ID"] != record["ID"] for r in table.values()):
         raise CommandError(f"Invalid {title}: A {title} with Name {record['Name']!r} already exists")
     return existing
+
+
+# The fields of each restored record that the views and writes read, and their types (NoneType: may
+# be absent; agent-synced services carry no Proxy). A snapshot may come from anyone, and one junk
+# record used to make every catalog read a 500.
+_INT, _OPT_DICT = (int,), (dict, type(None))
+_RESTORE_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "nodes": {"Node": (str,), "Meta": _OPT_DICT, "TaggedAddresses": _OPT_DICT, "CreateIndex": _INT,
+              "ModifyIndex": _INT},
+    "services": {"ID": (str,), "Service": (str,), "Tags": (list,), "Meta": _OPT_DICT, "Proxy": _OPT_DICT,
+                 "Connect": _OPT_DICT, "Weights": _OPT_DICT, "CreateIndex": _INT, "ModifyIndex": _INT},
+    "checks": {"CheckID": (str,), "Status": (str,), "ServiceID": (str, type(None)), "CreateIndex": _INT,
+               "ModifyIndex": _INT},
+    "kv": {"Key": (str,), "Flags": (int, type(None)), "LockIndex": _INT, "CreateIndex": _INT, "ModifyIndex": _INT},
+}
+
+
+def _check_record(table: str, name: str, record: Any) -> None:
+    if not isinstance(record, dict):
+        raise CommandError(f"snapshot {table} record {name!r} is not an object")
+    for field_name, types in _RESTORE_FIELDS[table].items():
+        value = record.get(field_name)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise CommandError(f"snapshot {table} record {name!r}: {field_name} must be {types[0].__name__}")
+
+
+def _check_restored(restored: dict[str, dict[str, Any]]) -> None:
+    """Refuse a snapshot whose records the views could not read (before anything is replaced)."""
+    nodes = restored["nodes"]
+    for name, node in nodes.items():
+        _check_record("nodes", name, node)
+        if node["Node"] != name:
+            raise CommandError(f"snapshot node {name!r} is stored under another name")
+    for table, key_field in (("services", "ID"), ("checks", "CheckID")):
+        for node_name, records in restored[table].items():
+            if node_name not in nodes or not isinstance(records, dict):
+                raise CommandError(f"snapshot {table} of {node_name!r}: not an object of a known node")
+            for name, record in records.items():
+                _check_record(table, name, record)
+                if record[key_field] != name or (table == "services" and not all(isinstance(t, str) for t in record["Tags"])):
+                    raise CommandError(f"snapshot {table} record {name!r} is inconsistent")
+    for key, entry in restored["kv"].items():
+        _check_record("kv", key, entry)
+        value = entry.get("Value")
+        try:  # ?raw decodes it
+            valid = value is None or (isinstance(value, str) and base64.b64decode(value, validate=True) is not None)
+        except ValueError:
+            valid = False
+        if entry["Key"] != key or not valid:
+            raise CommandError(f"snapshot KV entry {key!r} is inconsistent")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in restored["kv_tombstones"].values()):
+        raise CommandError("snapshot kv_tombstones must map keys to indexes")
+    for name in ("intentions", "config_entries"):
+        if not all(isinstance(v, dict) for v in restored[name].values()):
+            raise CommandError(f"snapshot {name} records must be objects")
 
 
 def _kv_meta(entry: dict[str, Any]) -> dict[str, Any]:
