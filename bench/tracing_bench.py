@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -61,6 +62,8 @@ from procs import AgentProc, free_ports, wait_until  # noqa: E402
 
 HOST = "web.ingress.consul"
 SINK = "http://127.0.0.1:{sink}"
+# One hash seed for every proxy: dict layouts (and so their speed) then do not differ by process.
+PROXY_ENV = {**os.environ, "PYTHONHASHSEED": "0"}
 HEADLINE = "tracing 0.1 + metrics"  # what issue #7's 10 % budget is about
 # name -> (extra flags ({sink} and {root} are filled in), metrics listener on)
 VARIANTS: dict[str, tuple[list[str], bool]] = {
@@ -145,6 +148,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--target", choices=["gateway", "sidecar", "both"], default="both")
     ap.add_argument("--slice", type=int, default=2, help="seconds per variant per round (interleaving)")
+    ap.add_argument("--together", action="store_true",
+                    help="load the variants of a kind (gateways, sidecar pairs) at the same time, not in turn")
     ap.add_argument("--all", action="store_true", help="also tracing 1.0, and tracing 0.1 with an access log")
     args = ap.parse_args()
     variants = {**VARIANTS, **(EXTRA_VARIANTS if args.all else {})}
@@ -192,7 +197,7 @@ def main() -> int:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "lictor.gateway", "-service", name, "-http-addr", agent.http_addr,
                  "-log-level", "warning", *flags],
-                stdout=log, stderr=subprocess.STDOUT))
+                stdout=log, stderr=subprocess.STDOUT, env=PROXY_ENV))
             metrics_ports[variant] = [metrics_port] if with_metrics else []
             pids[variant] = procs[-1].pid
             targets[variant] = (f"http://127.0.0.1:{port}/", HOST)
@@ -217,7 +222,7 @@ def main() -> int:
                     [sys.executable, "-m", "lictor.agent.proxy", "-sidecar-for", sid, "-http-addr", agent.http_addr,
                      "-log-level", "warning", *[f.replace("SID", sid) for f in flags],
                      *(["-metrics-port", str(pair_metrics[j])] if with_metrics else [])],
-                    stdout=log, stderr=subprocess.STDOUT))
+                    stdout=log, stderr=subprocess.STDOUT, env=PROXY_ENV))
                 pair.append(procs[-1].pid)
             name = f"sidecar pair {variant}"
             pids[name] = pair
@@ -245,17 +250,30 @@ def main() -> int:
                 prev[1]["cpu"] = now - prev[0]
             last[variant] = None
 
+        def load(group: list[str]) -> None:
+            """Load the variants of `group` at the same time, one wrk each, for one slice."""
+            for variant in group:
+                charge(variant)
+            cpu0 = {v: cpu_seconds(pids[v]) for v in group}
+            with ThreadPoolExecutor(len(group)) as pool:
+                runs = {v: pool.submit(wrk, targets[v][0], args.connections, args.slice, targets[v][1]) for v in group}
+            for variant, future in runs.items():
+                r = future.result()
+                r["requests"] = r["rps"] * args.slice
+                slices[variant][run].append(r)
+                last[variant] = (cpu0[variant], r)
+
+        groups = [g for g in ([n for n in names if not n.startswith("sidecar pair")],
+                              [n for n in names if n.startswith("sidecar pair")]) if g]
         for run in range(args.runs):
             for rnd in range(rounds):
+                if args.together:  # gateways together, then sidecar pairs together
+                    for group in groups:
+                        load(group)
+                    continue
                 shift = (run * rounds + rnd) % len(names)
                 for variant in names[shift:] + names[:shift]:
-                    url, host = targets[variant]
-                    charge(variant)
-                    cpu0 = cpu_seconds(pids[variant])
-                    r = wrk(url, args.connections, args.slice, host)
-                    r["requests"] = r["rps"] * args.slice
-                    slices[variant][run].append(r)
-                    last[variant] = (cpu0, r)
+                    load([variant])
             print(f"# pass {run + 1} of {args.runs} done", flush=True)
         time.sleep(1.5)  # the exporters' last batches go out (and are charged) before the final reading
         for variant in names:
@@ -267,7 +285,8 @@ def main() -> int:
                       f"p50 {agg['p50']:.2f} ms p99 {agg['p99']:.2f} ms non2xx {agg['non2xx']:.0f}")
 
         print(f"\n## tracing on vs off, wrk -t2 -c{args.connections}, {args.runs} passes x {rounds} rounds x "
-              f"{args.slice} s per variant, interleaved (nproc={os.cpu_count()}, load average "
+              f"{args.slice} s per variant, {'loaded together' if args.together else 'in turn'} "
+              f"(nproc={os.cpu_count()}, load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end)\n")
         print("| variant | CPU us/req (median of passes) | per pass | cost vs off (CPU/req) | req/s (median) | "
               "req/s vs off | p50 ms | p99 ms | spans exported / dropped | log lines / dropped |")

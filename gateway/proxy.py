@@ -763,32 +763,39 @@ class Gateway:
 
     async def handle(self, down: Downstream, req: _Request) -> bool:
         """Serve one request; returns whether the downstream connection stays open."""
+        started = time.monotonic()
+        routed = self._route(down, req)
         if not self.observing:
-            return await self._handle(down, req, None, None)
-        ctx = TraceContext.from_headers(req.headers)
+            return await self._handle(down, req, started, routed, None, None)
+        # The context comes from the routed request's header dict (built for routing anyway): on this
+        # box every extra pass over the headers in Python is a measurable share of a hop.
+        headers: Mapping[str, str] | list[tuple[bytes, bytes]] = (
+            req.headers if isinstance(routed, bytes) else routed[3].headers)
         tracer = self.tracer
-        if tracer is not None:
-            if self.access_log is None:
-                hop = tracer.hop(ctx)
-                if isinstance(hop, bytes):
-                    # Nothing to record: the context goes on under a fresh span id, no bookkeeping.
-                    return await self._handle(down, req, None, hop)
-                ctx = hop
-            else:
+        if tracer is not None and self.access_log is None:
+            hop = (tracer.hop_from(headers) if isinstance(headers, dict)
+                   else tracer.hop(TraceContext.from_headers(headers)))
+            if isinstance(hop, bytes):
+                # Nothing to record: the context goes on under a fresh span id, no bookkeeping.
+                return await self._handle(down, req, started, routed, None, hop)
+            ctx: TraceContext | None = hop
+        else:
+            ctx = TraceContext.from_headers(headers)
+            if tracer is not None:
                 ctx = tracer.root(ctx)
         obs = _Obs(self, down, req, ctx)
         down.obs = obs
         try:
-            return await self._handle(down, req, obs, obs.trace)
+            return await self._handle(down, req, started, routed, obs, obs.trace)
         finally:
             down.obs = None
             obs.finish()
 
-    async def _handle(self, down: Downstream, req: _Request, obs: _Obs | None, trace: bytes | None) -> bool:
+    async def _handle(self, down: Downstream, req: _Request, started: float,
+                      routed: tuple[Any, ...] | bytes, obs: _Obs | None,
+                      trace: bytes | None) -> bool:
         """`trace`: the trace header lines every attempt carries (None: headers as received); a sampled
         request (`obs.span`) gets a span, and a header block, per attempt instead."""
-        started = time.monotonic()
-        routed = self._route(down, req)
         transport = down.transport
         assert transport is not None
         if isinstance(routed, bytes):
