@@ -1048,12 +1048,15 @@ class _Obs:
 
     def routed(self, service: str, d: Any) -> Span | None:
         self.service = service
-        self.route = route_label(d.route)
-        self.split = d.resolver.name
+        self.route = route = _route_label(d.route)
+        self.split = split = d.resolver.name
         span = self.span
         if span is not None:
-            span.name = f"inbound {service}"
-            span.attrs.update({ATTR_UPSTREAM: service, ATTR_ROUTE: self.route, ATTR_SPLIT_TARGET: self.split})
+            span.name = _span_name("inbound", service)
+            a = span.attrs
+            a[ATTR_UPSTREAM] = service
+            a[ATTR_ROUTE] = route
+            a[ATTR_SPLIT_TARGET] = split
         return span
 
     def attempt(self, target: Target, inst: Instance, attempt: int) -> bytes | None:
@@ -1063,7 +1066,7 @@ class _Obs:
         span = self.span
         if span is None:
             return None
-        child = span.child(f"outbound {target.service}", CLIENT, {
+        child = span.child(_span_name("outbound", target.service), CLIENT, {
             ATTR_SERVICE: self.gw.cfg.service, ATTR_UPSTREAM: target.service, ATTR_ROUTE: self.route,
             ATTR_SPLIT_TARGET: self.split, ATTR_TARGET: target.id, ATTR_INSTANCE: inst.id,
             "server.address": self.address, ATTR_ATTEMPT: attempt})
@@ -1101,6 +1104,33 @@ class _Obs:
                 self.req.url.decode("latin-1").partition("?")[0], self.status,
                 round((time.monotonic() - self.started) * 1000, 3), len(self.req.body), self.bytes_sent,
                 self.retries, None, self.down.peer, self.peer_id or None))
+
+
+_NAMES: dict[tuple[str, str], str] = {}  # (direction, service) -> span name
+
+
+def _span_name(direction: str, service: str) -> str:
+    name = _NAMES.get((direction, service))
+    if name is None:
+        if len(_NAMES) >= 4096:
+            _NAMES.clear()
+        name = _NAMES[(direction, service)] = f"{direction} {service}"
+    return name
+
+
+_LABELS: dict[int, tuple[Any, str]] = {}  # id(route) -> (route, its label): routes live as long as their chain
+
+
+def _route_label(route: Any) -> str:
+    """`route_label`, remembered per route object (a sampled request needs it on the hot path)."""
+    hit = _LABELS.get(id(route))
+    if hit is not None and hit[0] is route:
+        return hit[1]
+    if len(_LABELS) >= 4096:
+        _LABELS.clear()
+    label = route_label(route)
+    _LABELS[id(route)] = (route, label)
+    return label
 
 
 def route_label(route: Any) -> str:
@@ -1237,8 +1267,8 @@ class _Metrics:
         self.retries = 0
         self.tracer: Tracer | None = None
         self.access_log: AccessLog | None = None
-        self._counts: dict[tuple[str, int], list[int]] = {}  # (service, status) -> [count]
-        self._latency: dict[str, list[Any]] = {}  # service -> [per-bucket counts (+Inf last)..., sum]
+        # (service, status) -> [requests per latency bucket (+Inf last)..., latency sum]: one lookup per request
+        self._series: dict[tuple[str, int], list[Any]] = {}
         if not enabled:
             self.count = self._skip  # type: ignore[method-assign]
 
@@ -1247,24 +1277,24 @@ class _Metrics:
 
     def count(self, service: str, code: int, started: float) -> None:
         elapsed = time.monotonic() - started
-        c = self._counts.get((service, code))
-        if c is None:
-            c = self._counts[(service, code)] = [0]
-        c[0] += 1
-        h = self._latency.get(service)
+        h = self._series.get((service, code))
         if h is None:
-            h = self._latency[service] = [0] * (len(_LATENCY_BUCKETS) + 1) + [0.0]
+            h = self._series[(service, code)] = [0] * (len(_LATENCY_BUCKETS) + 1) + [0.0]
         h[bisect.bisect_left(_LATENCY_BUCKETS, elapsed)] += 1  # le: a value equal to a bound is in it
         h[-1] += elapsed
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("lictor_gateway_requests", "Requests by service and status",
                                        labels=["service", "code"])
-        for (service, code), (n,) in sorted(self._counts.items()):
-            requests.add_metric([service, str(code)], n)
+        by_service: dict[str, list[Any]] = {}
+        for (service, code), h in sorted(self._series.items()):
+            requests.add_metric([service, str(code)], sum(h[:-1]))
+            total = by_service.setdefault(service, [0] * len(h))
+            for i, v in enumerate(h):
+                total[i] += v
         yield requests
         latency = HistogramMetricFamily("lictor_gateway_request_seconds", "Request latency", labels=["service"])
-        for service, h in sorted(self._latency.items()):
+        for service, h in sorted(by_service.items()):
             cumulative, buckets = 0, []
             for bound, n in zip((*(repr(b) for b in _LATENCY_BUCKETS), "+Inf"), h[:-1], strict=True):
                 cumulative += n

@@ -346,7 +346,9 @@ class Span:
             if not error and (status >= 500 or status == 0):
                 error = f"HTTP {status}" if status else "no response"
         self.error = error
-        self.tracer.export(self)
+        submit = self.tracer.submit
+        if submit is not None:
+            submit(self)  # the exporter's own method: no call layers between a span and its queue
 
 
 class Tracer:
@@ -355,6 +357,7 @@ class Tracer:
     def __init__(self, service: str, exporter: Exporter | None, sample_ratio: float = 1.0) -> None:
         self.service = service
         self.exporter = exporter
+        self.submit = exporter.submit if exporter is not None else None
         self.sample_ratio = min(max(sample_ratio, 0.0), 1.0)
         self._bound = int(self.sample_ratio * (1 << 64))  # compared with the trace id's low 64 bits
 
@@ -651,8 +654,7 @@ class OtlpExporter(BatchWorker, Exporter):
         self._last_warning = 0.0
         super().__init__("lictor-otlp-export", max_queue, batch, interval)
 
-    def submit(self, span: Span) -> None:
-        self.put(span)
+    submit = BatchWorker.put  # a span goes straight onto the queue
 
     def handle(self, items: list[Span]) -> None:
         body = encode_otlp_json(items)

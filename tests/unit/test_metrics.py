@@ -229,3 +229,30 @@ def test_levels_and_flags() -> None:
     assert monitor.parse_level("chatty") is None
     assert monitor._split_eq(["-archive=false", "-output", "x"], {"-archive"}) == ["-archive", "false", "-output", "x"]
     assert monitor._split_eq(["-archive"], {"-archive"}) == ["-archive", "true"]
+
+
+def test_gateway_request_metrics_are_plain_counts_rendered_at_scrape() -> None:
+    """The gateway keeps ints per (service, status) and builds Prometheus families only when scraped."""
+    import time
+
+    from lictor.gateway.proxy import _Metrics
+
+    m = _Metrics()
+    now = time.monotonic()
+    m.count("web", 200, now - 0.003)
+    m.count("web", 200, now - 0.2)
+    m.count("web", 503, now - 0.0001)
+    m.count("", 404, now)
+    m.retries = 3
+    families = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+    requests = {(s.labels["service"], s.labels["code"]): s.value for s in families["lictor_gateway_requests"].samples}
+    assert requests == {("web", "200"): 2, ("web", "503"): 1, ("", "404"): 1}
+    web = {s.labels.get("le", s.name): s.value for s in families["lictor_gateway_request_seconds"].samples
+           if s.labels["service"] == "web"}
+    assert web["0.001"] == 1 and web["0.005"] == 2 and web["0.25"] == 3 and web["+Inf"] == 3
+    assert web["lictor_gateway_request_seconds_count"] == 3
+    assert 0.2 < web["lictor_gateway_request_seconds_sum"] < 0.21
+    assert families["lictor_gateway_retries"].samples[0].value == 3
+    off = _Metrics(enabled=False)  # no -metrics-port: nothing is kept
+    off.count("web", 200, now)
+    assert "lictor_gateway_requests_total{" not in off.render().decode()
