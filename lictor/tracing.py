@@ -396,7 +396,10 @@ class Tracer:
         if tp is None:
             if "b3" not in headers and "x-b3-traceid" not in headers and "x-b3-sampled" not in headers \
                     and "x-b3-flags" not in headers:
-                return self.hop(None)
+                r = _bits(128) or 1  # hop(None), inline: this runs for most requests a proxy starts
+                if (r & _MASK64) < self._bound:
+                    return TraceContext(f"{r:032x}", "", True)
+                return b"traceparent: 00-%032x-%016x-00\r\n" % (r, _bits(64) or 1)
         elif "tracestate" not in headers and "b3" not in headers and "x-b3-traceid" not in headers:
             m = _TP00.fullmatch(tp)
             if m is not None and m[3] == "00" and m[1] != _ZERO_TRACE and m[2] != _ZERO_SPAN:

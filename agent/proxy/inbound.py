@@ -292,8 +292,12 @@ class InboundHTTPConn(InboundConn):
         return _LoggedApp(self) if self._obs.access_log is not None else _ObservedApp(self)
 
     # observation --------------------------------------------------------------------------------
-    def _observe(self, method: str, path: str, headers: dict[str, str], allowed: bool) -> bytes | None:
-        """Start the request's span (when traced); returns the trace header lines to forward (None: as is)."""
+    def _observe(self, method: str, path: str, headers: dict[str, str], allowed: bool,
+                 hop: TraceContext | bytes | None = None) -> bytes | None:
+        """Start the request's span (when traced); returns the trace header lines to forward (None: as is).
+
+        `hop`: `tracer.hop_from(headers)` when the caller already has it (a new trace's sampling is a
+        random draw: it must be made once)."""
         obs = self._obs
         assert obs is not None
         tracer = obs.tracer
@@ -301,7 +305,8 @@ class InboundHTTPConn(InboundConn):
         hdr: bytes | None = None
         ctx: TraceContext | None
         if tracer is not None and obs.access_log is None:
-            hop = tracer.hop_from(headers)
+            if hop is None:
+                hop = tracer.hop_from(headers)
             if isinstance(hop, bytes):  # unsampled, unlogged: only the header lines, no record
                 if allowed:
                     self._expect(None, method)
@@ -397,7 +402,21 @@ class InboundHTTPConn(InboundConn):
         state = self.listener.state
         decision = state.authz.request(self.source, method, path, headers)
         self._allowed = decision.allowed
-        trace = self._observe(method, path, headers, decision.allowed) if self._obs is not None else None
+        trace: bytes | None = None
+        obs = self._obs
+        if obs is not None:
+            tracer = obs.tracer
+            if tracer is not None and obs.access_log is None and decision.allowed and method != "HEAD":
+                # The common observed request, inline: unsampled and unlogged means only a header.
+                hop = tracer.hop_from(headers)
+                if isinstance(hop, bytes):
+                    trace = hop
+                    self._cur = None
+                    self._inflight.append(None)
+                else:
+                    trace = self._observe(method, path, headers, True, hop)
+            else:
+                trace = self._observe(method, path, headers, decision.allowed)
         if not decision.allowed:
             state.stats.inc("inbound_requests_denied")
             log.info("inbound: denied %s %s from %s: %s", method, path, self.source, decision.reason)
