@@ -86,6 +86,7 @@ from lictor.tracing import (
     Tracer,
     header_lines,
     new_span_id,
+    span_name,
 )
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT", "Gateway", "GatewayConfig", "Snapshot"]
@@ -1052,7 +1053,7 @@ class _Obs:
         self.split = split = d.resolver.name
         span = self.span
         if span is not None:
-            span.name = _span_name("inbound", service)
+            span.name = span_name("inbound", service)
             a = span.attrs
             a[ATTR_UPSTREAM] = service
             a[ATTR_ROUTE] = route
@@ -1066,7 +1067,7 @@ class _Obs:
         span = self.span
         if span is None:
             return None
-        child = span.child(_span_name("outbound", target.service), CLIENT, {
+        child = span.child(span_name("outbound", target.service), CLIENT, {
             ATTR_SERVICE: self.gw.cfg.service, ATTR_UPSTREAM: target.service, ATTR_ROUTE: self.route,
             ATTR_SPLIT_TARGET: self.split, ATTR_TARGET: target.id, ATTR_INSTANCE: inst.id,
             "server.address": self.address, ATTR_ATTEMPT: attempt})
@@ -1104,18 +1105,6 @@ class _Obs:
                 self.req.url.decode("latin-1").partition("?")[0], self.status,
                 round((time.monotonic() - self.started) * 1000, 3), len(self.req.body), self.bytes_sent,
                 self.retries, None, self.down.peer, self.peer_id or None))
-
-
-_NAMES: dict[tuple[str, str], str] = {}  # (direction, service) -> span name
-
-
-def _span_name(direction: str, service: str) -> str:
-    name = _NAMES.get((direction, service))
-    if name is None:
-        if len(_NAMES) >= 4096:
-            _NAMES.clear()
-        name = _NAMES[(direction, service)] = f"{direction} {service}"
-    return name
 
 
 _LABELS: dict[int, tuple[Any, str]] = {}  # id(route) -> (route, its label): routes live as long as their chain

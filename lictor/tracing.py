@@ -38,7 +38,7 @@ __all__ = [
     "ATTR_PEER_SPIFFE_ID", "ATTR_RETRY_COUNT", "ATTR_ROUTE", "ATTR_SERVICE", "ATTR_SPLIT_TARGET", "ATTR_STATUS",
     "ATTR_UPSTREAM", "CLIENT", "INTERNAL", "SERVER", "TRACE_HEADERS", "TRACE_HEADERS_BYTES", "MemoryExporter", "OtlpExporter", "Span",
     "TraceContext", "Tracer", "encode_otlp_json", "format_traceparent", "header_lines", "inject", "new_span_id",
-    "new_trace_id", "parse_b3_multi", "parse_b3_single", "parse_traceparent", "passthrough_header",
+    "new_trace_id", "parse_b3_multi", "parse_b3_single", "parse_traceparent", "passthrough_header", "span_name",
 ]
 
 log = logging.getLogger("lictor.tracing")
@@ -89,6 +89,19 @@ def new_trace_id() -> str:
 
 def new_span_id() -> str:
     return f"{_bits(64) or 1:016x}"
+
+
+_NAMES: dict[tuple[str, str], str] = {}  # (direction, service) -> span name
+
+
+def span_name(direction: str, service: str) -> str:
+    """`f"{direction} {service}"`, remembered: a sampled request's spans need it on the hot path."""
+    name = _NAMES.get((direction, service))
+    if name is None:
+        if len(_NAMES) >= 4096:
+            _NAMES.clear()
+        name = _NAMES[(direction, service)] = f"{direction} {service}"
+    return name
 
 
 # ------------------------------------------------------------------------------------ context

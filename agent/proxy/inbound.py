@@ -45,6 +45,7 @@ from lictor.tracing import (
     TraceContext,
     header_lines,
     new_span_id,
+    span_name,
 )
 
 __all__ = ["HANDSHAKE_TIMEOUT", "InboundConn", "InboundHTTPConn", "InboundListener"]
@@ -319,7 +320,7 @@ class InboundHTTPConn(InboundConn):
             root = tracer.root(ctx)
             if root.sampled:
                 svc = self.listener.state.spec.destination_name
-                span = tracer.start(f"inbound {svc}", SERVER, root, {
+                span = tracer.start(span_name("inbound", svc), SERVER, root, {
                     ATTR_SERVICE: svc, ATTR_PROXY: "sidecar", ATTR_PEER_SPIFFE_ID: self.uri,
                     ATTR_INTENTION: "allow" if allowed else "deny", ATTR_METHOD: method,
                     ATTR_PATH: path.partition("?")[0]})

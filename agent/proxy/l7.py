@@ -45,7 +45,7 @@ from urllib.parse import quote
 from lictor.agent.proxy.observe import Observer
 from lictor.agent.proxy.watch import AgentClient, follow_index
 from lictor.gateway.chain import ChainError, CompiledChain, HeaderMods, chain_protocol, compile_chain
-from lictor.gateway.proxy import HTTPDownstream, Pool, UpstreamError, route_label
+from lictor.gateway.proxy import HTTPDownstream, Pool, UpstreamError, _route_label
 from lictor.gateway.proxy import Upstream as PooledConn
 from lictor.gateway.router import (
     BalancerState,
@@ -77,6 +77,7 @@ from lictor.tracing import (
     Tracer,
     header_lines,
     new_span_id,
+    span_name,
 )
 
 if TYPE_CHECKING:
@@ -684,7 +685,7 @@ class _OutReq:
         self.path = path
         self.received = len(req.body)
         self.upstream = upstream
-        self.route = route_label(d.route)
+        self.route = _route_label(d.route)
         self.split = d.resolver.name
         self.status = 0
         self.error = ""
@@ -697,8 +698,9 @@ class _OutReq:
     def attempt(self, target: Any, inst: Instance, attempt: int) -> bytes:
         """Start one try's CLIENT span; returns its context as header lines."""
         assert self.tracer is not None and self.ctx is not None
-        self.attempt_end(0, "superseded")  # defensive: a try that was not ended
-        span = self.tracer.start(f"outbound {target.service}", CLIENT, self.ctx, {
+        if self.try_span is not None:
+            self.attempt_end(0, "superseded")  # defensive: a try that was not ended
+        span = self.tracer.start(span_name("outbound", target.service), CLIENT, self.ctx, {
             ATTR_SERVICE: self.tracer.service, ATTR_PROXY: "sidecar", ATTR_UPSTREAM: self.upstream,
             ATTR_ROUTE: self.route, ATTR_SPLIT_TARGET: self.split, ATTR_TARGET: target.id, ATTR_INSTANCE: inst.id,
             "server.address": self.address, ATTR_ATTEMPT: attempt})
@@ -718,7 +720,8 @@ class _OutReq:
             span.end(status=status, error=error, attrs={ATTR_RETRY_COUNT: self.retries})
 
     def finish(self, obs: Observer, down: HTTPOutbound) -> None:
-        self.attempt_end(0, "request ended before the upstream answered")  # cancelled mid-try
+        if self.try_span is not None:
+            self.attempt_end(0, "request ended before the upstream answered")  # cancelled mid-try
         if obs.access_log is not None:
             obs.access_log.row(self.started, (
                 self.trace_id, self.span_id, "sidecar", obs.service, self.upstream, self.route, self.split,
