@@ -7,7 +7,8 @@ Topology (everything on 127.0.0.1), one gateway per variant, all forwarding to o
     wrk -c50 ──► gateway "tracing 0.1 + metrics" (-otlp-endpoint, ratio 0.1, -metrics-port) ═══╝  (mTLS, "hello")
                  traced gateways ──► OTLP sink (nginx answering 200 to POST /v1/traces)
 
-`--all` adds "tracing 1.0 + metrics" and "tracing 0.1 + metrics + access log" (access logs are a
+A second "off" gateway ("off, 2nd process") is an A/A control: its difference from "off" shows the
+run's noise. `--all` adds "tracing 1.0 + metrics" and "tracing 0.1 + metrics + access log" (access logs are a
 separate switch, outside issue #7's budget).
 
 Sidecar pairs (`--target sidecar` or `both`, the default), one pair per variant, same flags on both:
@@ -28,10 +29,12 @@ exporter thread's once-a-second batch) is counted. Reported per variant: CPU tim
 req/s per pass, and the cost as the median over passes of the ratio to "off" in the same pass. On a
 shared, busy 2-vCPU box req/s swings with other tenants' load; CPU per request moves much less, and
 for a single-threaded, CPU-bound proxy throughput is its inverse, so the cost is judged on
-CPU/request first (req/s is printed alongside).
+CPU/request first (req/s is printed alongside). `--together` loads all variants of a kind (the
+gateways, then the sidecar pairs) at the same time instead, one wrk each: every variant then sees
+exactly the same box, at the price of sharing 2 vCPUs among them all.
 
     python bench/tracing_bench.py [--runs 3] [--duration 10] [--connections 50] [--slice 2]
-                                   [--target gateway|sidecar|both] [--all]
+                                   [--together] [--target gateway|sidecar|both] [--all]
 
 Installs wrk and nginx with apt-get when missing.
 """
@@ -66,8 +69,10 @@ SINK = "http://127.0.0.1:{sink}"
 PROXY_ENV = {**os.environ, "PYTHONHASHSEED": "0"}
 HEADLINE = "tracing 0.1 + metrics"  # what issue #7's 10 % budget is about
 # name -> (extra flags ({sink} and {root} are filled in), metrics listener on)
+AA = "off, 2nd process"  # the same as "off": its difference from "off" is this run's noise floor
 VARIANTS: dict[str, tuple[list[str], bool]] = {
     "off": ([], False),
+    AA: ([], False),
     "metrics only": ([], True),
     HEADLINE: (["-otlp-endpoint", SINK, "-trace-sample-ratio", "0.1"], True),
 }
@@ -306,6 +311,8 @@ def main() -> int:
                      f"{m.get('lictor_gateway_spans_dropped_total', 0):,.0f}") if m else "-"
             lines = (f"{m.get('lictor_gateway_access_log_lines_total', 0):,.0f} / "
                      f"{m.get('lictor_gateway_access_log_dropped_total', 0):,.0f}") if m else "-"
+            if variant.endswith(AA):
+                headline.append(f"{variant} (A/A, noise floor): {cost:+.1%} CPU/request, {rps_cost:+.1%} req/s")
             if variant.endswith(HEADLINE):
                 ok = cost <= 0.10 and rps_cost >= -0.10
                 headline.append(f"{variant}: {cost:+.1%} CPU/request, {rps_cost:+.1%} req/s "
