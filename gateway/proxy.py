@@ -1049,7 +1049,7 @@ class _Obs:
 
     def routed(self, service: str, d: Any) -> Span | None:
         self.service = service
-        self.route = route = _route_label(d.route)
+        self.route = route = route_label(d.route)
         self.split = split = d.resolver.name
         span = self.span
         if span is not None:
@@ -1110,20 +1110,21 @@ class _Obs:
 _LABELS: dict[int, tuple[Any, str]] = {}  # id(route) -> (route, its label): routes live as long as their chain
 
 
-def _route_label(route: Any) -> str:
-    """`route_label`, remembered per route object (a sampled request needs it on the hot path)."""
+def route_label(route: Any) -> str:
+    """A short, stable name for a route: what it matches on (routes have no names in Consul).
+
+    Remembered per route object: a sampled request needs it on the hot path."""
     hit = _LABELS.get(id(route))
     if hit is not None and hit[0] is route:
         return hit[1]
     if len(_LABELS) >= 4096:
         _LABELS.clear()
-    label = route_label(route)
+    label = _describe_route(route)
     _LABELS[id(route)] = (route, label)
     return label
 
 
-def route_label(route: Any) -> str:
-    """A short, stable name for a route: what it matches on (routes have no names in Consul)."""
+def _describe_route(route: Any) -> str:
     if route.default:
         return "default"
     m = route.match

@@ -45,7 +45,7 @@ from urllib.parse import quote
 from lictor.agent.proxy.observe import Observer
 from lictor.agent.proxy.watch import AgentClient, follow_index
 from lictor.gateway.chain import ChainError, CompiledChain, HeaderMods, chain_protocol, compile_chain
-from lictor.gateway.proxy import HTTPDownstream, Pool, UpstreamError, _route_label
+from lictor.gateway.proxy import HTTPDownstream, Pool, UpstreamError, route_label
 from lictor.gateway.proxy import Upstream as PooledConn
 from lictor.gateway.router import (
     BalancerState,
@@ -685,7 +685,7 @@ class _OutReq:
         self.path = path
         self.received = len(req.body)
         self.upstream = upstream
-        self.route = _route_label(d.route)
+        self.route = route_label(d.route)
         self.split = d.resolver.name
         self.status = 0
         self.error = ""
