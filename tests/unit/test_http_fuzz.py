@@ -318,6 +318,14 @@ registrations = st.fixed_dictionaries(
               "NodeMeta": st.dictionaries(st.sampled_from(["rack", "zone"]), st.sampled_from(["a", "b"])),
               "TaggedAddresses": st.dictionaries(st.sampled_from(["lan", "wan"]), st.just("1.1.1.1"))},
 )
+valid_registrations = st.builds(  # mostly accepted, so later steps meet what they stored
+    lambda node, name, kind, proxy, connect, status: {
+        "Node": node, "Address": "10.0.0.1",
+        "Service": {"Service": name, "ID": name, "Kind": kind, "Proxy": proxy, "Connect": connect},
+        "Check": {"CheckID": "c1", "ServiceID": name, "Status": status}},
+    NODES, SERVICE_NAMES, st.sampled_from(["", "connect-proxy"]), odd, odd,
+    st.sampled_from(["passing", "warning", "critical"]),
+)
 values = st.sampled_from([None, "", "aGk=", "not base64", 5]) | st.binary(max_size=6).map(lambda b: base64.b64encode(b).decode())
 txn_ops = st.lists(
     st.fixed_dictionaries(
@@ -353,6 +361,10 @@ class RegistrySequences(RuleBasedStateMachine):
     def register(self, body: dict[str, Any]) -> None:
         self.write("PUT", "/v1/catalog/register", body)
 
+    @rule(body=valid_registrations)
+    def register_mostly_valid(self, body: dict[str, Any]) -> None:
+        self.write("PUT", "/v1/catalog/register", body)
+
     @rule(node=NODES, service_id=st.none() | SERVICE_IDS, check_id=st.none() | st.sampled_from(["c1", "c2", "serfHealth"]))
     def deregister(self, node: str, service_id: str | None, check_id: str | None) -> None:
         body: dict[str, Any] = {"Node": node}
@@ -375,6 +387,13 @@ class RegistrySequences(RuleBasedStateMachine):
     @rule(ops=txn_ops)
     def txn(self, ops: list[dict[str, Any]]) -> None:
         self.write("PUT", "/v1/txn", ops)
+
+    @rule(key=KEYS.filter(bool), verbs=st.lists(st.sampled_from(["set", "cas", "get", "check-index",
+                                                                 "check-not-exists", "delete", "delete-cas",
+                                                                 "delete-tree"]), min_size=2, max_size=4))
+    def txn_one_key(self, key: str, verbs: list[str]) -> None:
+        # Ops on one key, so later ops depend on earlier ones in the same transaction.
+        self.write("PUT", "/v1/txn", [{"KV": {"Verb": v, "Key": key, "Value": "aGk="}} for v in verbs])
 
     @rule()
     def snapshot_save(self) -> None:
@@ -414,13 +433,14 @@ class RegistrySequences(RuleBasedStateMachine):
     @invariant()
     def every_view_builds(self) -> None:
         # The views behind the watched endpoints must build from whatever the store now holds.
-        for url in ("/v1/catalog/services", "/v1/catalog/nodes", "/v1/health/state/any", "/v1/kv/?recurse"):
+        for url in ("/v1/catalog/services", "/v1/catalog/nodes", "/v1/health/state/any", "/v1/kv/?recurse",
+                    "/v1/health/connect/web", "/v1/catalog/connect/web", "/v1/health/service/web"):
             check_answer(self.client.get(url), url)
 
 
 TestRegistrySequences = RegistrySequences.TestCase
 TestRegistrySequences.settings = settings(
-    FUZZ, max_examples=_examples(40), stateful_step_count=int(os.environ.get("LICTOR_FUZZ_STEPS") or 25)
+    FUZZ, max_examples=_examples(15), stateful_step_count=int(os.environ.get("LICTOR_FUZZ_STEPS") or 25)
 )
 
 
