@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import sys
@@ -372,6 +373,10 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
 
         await asyncio.gather(*(fill(c) for c in load_clients))
         log(f"catalog filled: {len(state.acked_services)} services from {len(load_clients)} clients")
+        # The load generator is Python too: keep its own collector pauses out of the latencies it
+        # measures (the same for the baseline and the load).
+        gc.collect()
+        gc.freeze()
         box0 = box_busy()
         baseline = await unloaded_reads(state, baseline_secs)
         out["box_busy_cores_unloaded"] = (box_busy() - box0) / baseline_secs
@@ -451,7 +456,11 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         out["verify"] = await asyncio.to_thread(verify, state, cluster.servers)
         # The same reads again with the load gone and the catalog as the load left it: if this differs
         # much from the first baseline, the comparison is about data size, not load.
+        live = [p for p in cluster.servers + agents if p.alive() and p.proc is not None]
+        cpu0 = {p.name: cpu_seconds(p.proc.pid) for p in live}
         after = await unloaded_reads(state, baseline_secs)
+        out["cpu_cores_after_load"] = {p.name: (cpu_seconds(p.proc.pid) - cpu0[p.name]) / baseline_secs for p in live
+                                       if p.alive()}
         out["unloaded_after"] = {"reads": len(after), "p50_ms": pct(after, 50) * 1e3, "p99_ms": pct(after, 99) * 1e3}
         memory: dict[str, Any] = {}
         for name, points in rss.items():
@@ -510,6 +519,8 @@ def report(out: dict[str, Any]) -> None:
               f"{m['rss_final_mib']:.1f}, last-10 s slope {m['slope_last10s_mib_per_s']:+.2f} MiB/s"
               f"{' (restarted; measured from its restart)' if m['restarted'] else ''}")
     print("cores used during the load: " + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_cores_during_load"].items()))
+    print("cores used by the after-load baseline: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_cores_after_load"].items()))
     print("read p99 by target/endpoint: " + ", ".join(f"{k} {v[1]:.1f} ms (n={v[0]})" for k, v in out["read_p99_ms_by"].items()))
     print("read p99 per 5 s: " + ", ".join(f"{t}s {v[1]:.0f}" for t, v in out["read_p99_ms_per_5s"].items()))
     print(f"events: {out['events']}")

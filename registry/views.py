@@ -277,7 +277,8 @@ def _kv_prefix_index(store: StateStore, prefix: str) -> Index:
 def _kv_key_index(store: StateStore, key: str) -> Index:
     entry = store.kv.get(key)
     if entry is not None:
-        return entry["ModifyIndex"]
+        # A restore changes every key at its index (kv_tomb_floor), whatever ModifyIndex it restored.
+        return max(entry["ModifyIndex"], store.kv_tomb_floor)
     return max(store.kv_tombstones.get(key, 0), store.kv_tomb_floor) or _table(store, "kv")
 
 

@@ -149,3 +149,13 @@ def test_restore_clears_the_cache() -> None:
     other = StateStore()
     store.replace_with(other)
     assert views.read_shared_entry(store, views.catalog_service, "web").data == []
+
+
+def test_a_restore_with_the_same_modify_index_still_changes_the_key() -> None:
+    store = StateStore()
+    store.apply(cmd("kv_set", Key="k", Value="QQ==", Flags=0))  # ModifyIndex 1, value "A"
+    before = views.read_shared_entry(store, views.kv_get, "k")
+    export = {"nodes": {}, "kv": {"k": dict(store.kv["k"], Value="Qg==")}}  # same ModifyIndex, value "B"
+    assert store.apply(cmd("restore", State=export))["ok"]
+    after = views.read_shared_entry(store, views.kv_get, "k")
+    assert after.data["Value"] == "Qg==" and after.index > before.index
