@@ -291,6 +291,8 @@ async def unloaded_reads(state: State, secs: float, workers: int = 8) -> list[fl
         client.close()
 
     state.t0 = time.monotonic()
+    state.reads.clear()  # after the load it still holds the loaded reads
+    state.read_kinds.clear()
     await asyncio.gather(*(one(w) for w in range(workers)))
     latencies = [lat for _, lat in state.reads]
     state.reads.clear()
@@ -458,7 +460,9 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         # much from the first baseline, the comparison is about data size, not load.
         live = [p for p in cluster.servers + agents if p.alive() and p.proc is not None]
         cpu0 = {p.name: cpu_seconds(p.proc.pid) for p in live}
+        box0 = box_busy()
         after = await unloaded_reads(state, baseline_secs)
+        out["box_busy_cores_after_load"] = (box_busy() - box0) / baseline_secs
         out["cpu_cores_after_load"] = {p.name: (cpu_seconds(p.proc.pid) - cpu0[p.name]) / baseline_secs for p in live
                                        if p.alive()}
         out["unloaded_after"] = {"reads": len(after), "p50_ms": pct(after, 50) * 1e3, "p99_ms": pct(after, 99) * 1e3}
@@ -519,7 +523,7 @@ def report(out: dict[str, Any]) -> None:
               f"{m['rss_final_mib']:.1f}, last-10 s slope {m['slope_last10s_mib_per_s']:+.2f} MiB/s"
               f"{' (restarted; measured from its restart)' if m['restarted'] else ''}")
     print("cores used during the load: " + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_cores_during_load"].items()))
-    print("cores used by the after-load baseline: "
+    print(f"cores used by the after-load baseline (box busy {out['box_busy_cores_after_load']:.2f}): "
           + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_cores_after_load"].items()))
     print("read p99 by target/endpoint: " + ", ".join(f"{k} {v[1]:.1f} ms (n={v[0]})" for k, v in out["read_p99_ms_by"].items()))
     print("read p99 per 5 s: " + ", ".join(f"{t}s {v[1]:.0f}" for t, v in out["read_p99_ms_per_5s"].items()))
