@@ -20,6 +20,11 @@ contain `-`, `:`, `.`, `@`, `+`, and `and`/`or` may touch a parenthesis without 
 from __future__ import annotations
 
 import re
+
+try:
+    import re2 as _re2  # google-re2: the RE2 engine go-bexpr uses
+except ImportError:  # pragma: no cover - a dependency; the fallback refuses the risky patterns it can see
+    _re2 = None
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -181,6 +186,65 @@ class Or:
 
 Node = Match | Not | And | Or
 
+def _compile_regex(pattern: str, at: int) -> Any:
+    """RE2 when available, as go-bexpr: linear time whatever the pattern. Python's backtracking `re`
+    took 435 s for `a.*a.*a.*a.*z` against a 512-character name, on the server's event loop."""
+    if _re2 is not None:
+        try:
+            return _re2.compile(pattern)
+        except Exception as exc:  # noqa: BLE001 - re2.error and friends: a bad pattern is a 400
+            raise _SyntaxError(at, f"Failed to compile regular expression {pattern!r}: {exc}") from None
+    try:
+        rx = re.compile(pattern)
+        risky = _backtracking_risk(pattern)
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise _SyntaxError(at, f"Failed to compile regular expression {pattern!r}: {exc}") from None
+    if risky:
+        raise _SyntaxError(at, f"Unsupported regular expression {pattern!r}: {risky}")
+    return rx
+
+
+def _backtracking_risk(pattern: str) -> str:
+    """Why `pattern` could take exponential time in Python's backtracking `re`, or "".
+
+    go-bexpr runs RE2, which is linear; Python's engine is not, and a filter runs on the server's
+    event loop (`^(a+)+$` against a 30-character name stalls it for seconds). So we refuse what
+    makes backtracking explode: a repetition inside an unbounded repetition, alternation inside one,
+    and backreferences or lookarounds (which RE2 does not support either).
+    """
+    from re import _constants as c
+    from re import _parser as sre
+
+    repeats = (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT)
+
+    def walk(items: Any, inside_unbounded: bool) -> str:
+        for op, arg in items:
+            if op in (c.GROUPREF, c.GROUPREF_EXISTS):
+                return "backreferences are not supported"
+            if op in (c.ASSERT, c.ASSERT_NOT):
+                return "lookaround assertions are not supported"
+            if op in repeats:
+                low, high, body = arg
+                if inside_unbounded and high > 1:
+                    return "a repetition inside an unbounded repetition can take exponential time"
+                found = walk(body, inside_unbounded or high == c.MAXREPEAT)
+            elif op == c.BRANCH:
+                if inside_unbounded:
+                    return "alternation inside an unbounded repetition can take exponential time"
+                found = next((r for branch in arg[1] if (r := walk(branch, inside_unbounded))), "")
+            elif op == c.SUBPATTERN:
+                found = walk(arg[3], inside_unbounded)
+            elif op == c.ATOMIC_GROUP:
+                found = walk(arg, inside_unbounded)
+            else:
+                found = ""
+            if found:
+                return found
+        return ""
+
+    return walk(sre.parse(pattern), False)
+
+
 _KEYWORDS = frozenset({"and", "or", "not", "in", "contains", "is", "empty", "matches"})
 _IDENT_RE = re.compile(r"[A-Za-z][A-Za-z0-9_/]*\Z")
 _NUMBER_RE = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?\Z")
@@ -315,10 +379,7 @@ class _Parser:
                 self.next()
                 vtok = self.peek()
                 pattern = self.value()
-                try:
-                    rx = re.compile(pattern)
-                except (re.error, OverflowError, RecursionError) as exc:
-                    raise _SyntaxError(vtok.start, f"Failed to compile regular expression {pattern!r}: {exc}") from None
+                rx = _compile_regex(pattern, vtok.start)
                 return Match(selector, "matches", negate, pattern, rx)
         raise self.fail(t, '"==", "!=", "contains", "not contains", "is empty", "is not empty", '
                            '"matches", "not matches", "in" or "not in"')

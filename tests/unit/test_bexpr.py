@@ -238,3 +238,19 @@ def test_fuzz_arbitrary_text(expr: str) -> None:
         compile_filter(expr)
     except BadRequest:
         pass
+
+
+@pytest.mark.parametrize("pattern", [r"a.*a.*a.*a.*z", r"^(a+)+$", r"^(\w+\s?)*$", r"^(.*)(.*)(.*)z$"])
+def test_regexes_that_backtrack_exponentially_run_in_linear_time(pattern: str) -> None:
+    """go-bexpr uses RE2; Python's backtracking re took 435 s for the first pattern on this input."""
+    import time
+
+    items = [{"ServiceName": "a" * 500 + "!"} for _ in range(20)]
+    started = time.perf_counter()
+    assert evaluate_filter(f'ServiceName matches "{pattern.replace(chr(92), chr(92) * 2)}"', items) == []
+    assert time.perf_counter() - started < 1.0
+
+
+def test_re2_rejects_what_go_rejects() -> None:
+    with pytest.raises(BadRequest, match="regular expression"):
+        compile_filter(r'ServiceName matches "(a)\\1"')  # backreferences: not in RE2 (nor Go)
