@@ -93,7 +93,7 @@ class StateStore:
     def _init_runtime(self) -> None:
         self.lock = threading.RLock()
         self.listeners: list[Callable[[int], None]] = []
-        self.read_cache: dict[Any, Any] = {}  # views.read_shared; valid for one index
+        self.read_cache: dict[Any, Any] = {}  # views.read_shared_entry's cache; never replicated
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -313,16 +313,7 @@ class StateStore:
             if check.get("ServiceID") and check["ServiceID"] not in service_ids:
                 raise CommandError(f"Unknown service ID {check['ServiceID']!r} for check {check['CheckID']!r}", 404)
         if not skip_node:
-            self._upsert_node(
-                {
-                    "ID": cmd.get("ID", ""),
-                    "Node": node,
-                    "Address": cmd["Address"],
-                    "Datacenter": cmd.get("Datacenter", ""),
-                    "TaggedAddresses": cmd.get("TaggedAddresses") or {},
-                    "Meta": cmd.get("NodeMeta") or {},
-                }
-            )
+            self._upsert_node_from(node, cmd)
         if service:
             self._upsert_service(node, service)
         for check in checks:
@@ -341,8 +332,8 @@ class StateStore:
             self._delete_node(node)
         return _ok(True)
 
-    def _upsert_agent_node(self, node: str, cmd: dict[str, Any]) -> None:
-        """The node record an agent's sync carries (full or partial)."""
+    def _upsert_node_from(self, node: str, cmd: dict[str, Any]) -> None:
+        """The node record a registration or an agent's sync (full or partial) carries."""
         self._upsert_node(
             {
                 "ID": cmd.get("ID", ""),
@@ -374,7 +365,7 @@ class StateStore:
         for check in checks.values():
             if check.get("ServiceID") and check["ServiceID"] not in services:
                 raise CommandError(f"Unknown service ID {check['ServiceID']!r} for check {check['CheckID']!r}", 404)
-        self._upsert_agent_node(node, cmd)
+        self._upsert_node_from(node, cmd)
         for check_id in list(self.checks.get(node, {})):
             if check_id not in checks and check_id != LIVENESS_CHECK_ID:
                 self._delete_check(node, check_id)
@@ -406,7 +397,7 @@ class StateStore:
         for check in checks.values():
             if check.get("ServiceID") and check["ServiceID"] not in known:
                 raise CommandError(f"Unknown service ID {check['ServiceID']!r} for check {check['CheckID']!r}", 404)
-        self._upsert_agent_node(node, cmd)
+        self._upsert_node_from(node, cmd)
         for check_id in delete_checks:
             self._delete_check(node, check_id)
         for service_id in delete_services:

@@ -84,12 +84,6 @@ def read_shared_entry(store: StateStore, view: Callable[..., tuple[Index, Any]],
         return entry
 
 
-def read_shared(store: StateStore, view: Callable[..., tuple[Index, Any]], *args: Any, **kwargs: Any) -> tuple[Index, Any]:
-    """`read_shared_entry` as `(index, data)`; the data is shared and read-only."""
-    entry = read_shared_entry(store, view, *args, **kwargs)
-    return entry.index, entry.data
-
-
 def _table(store: StateStore, *tables: str) -> Index:
     return max((store.table_index.get(t, 0) for t in tables), default=0)
 
