@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procs import AgentProc, Cluster, free_ports  # noqa: E402
+from procs import AgentProc, Cluster, running_dev_agent  # noqa: E402
 
 
 @pytest.fixture
@@ -24,14 +24,5 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 @pytest.fixture
 def dev_agent(tmp_path: Path) -> Iterator[AgentProc]:
-    http_port, dns_port = free_ports(2)
-    agent = AgentProc(
-        "dev", http_port, ["-dev", "-node", "dev", "-http-port", str(http_port), "-dns-port", str(dns_port)],
-        tmp_path / "dev.log", dns_port=dns_port,
-    )
-    agent.start()
-    try:
-        agent.wait_ready()
+    with running_dev_agent(tmp_path, "dev") as agent:
         yield agent
-    finally:
-        agent.kill()

@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,3 +192,17 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"--- {s.name}\n{s.tail()}" for s in self.servers)
+
+
+@contextmanager
+def running_dev_agent(root: Path, name: str, *extra: str, node: str = "dev") -> Iterator[AgentProc]:
+    """A `lictor agent -dev` on free HTTP and DNS ports, ready; killed by pid on the way out."""
+    http_port, dns_port = free_ports(2)
+    agent = AgentProc(name, http_port, ["-dev", "-node", node, "-http-port", str(http_port), "-dns-port",
+                                        str(dns_port), *extra], root / f"{name}.log", dns_port=dns_port)
+    agent.start()
+    try:
+        agent.wait_ready()
+        yield agent
+    finally:
+        agent.kill()

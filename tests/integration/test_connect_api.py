@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from procs import AgentProc, free_ports
+from procs import AgentProc, free_ports, running_dev_agent
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl binary")
 
@@ -468,15 +468,8 @@ def test_service_intentions_entry_and_intentions_stay_in_step(dev_agent: AgentPr
 
 @pytest.fixture
 def fast_leaf_agent(tmp_path: Path) -> Iterator[AgentProc]:
-    http_port, dns_port = free_ports(2)
-    agent = AgentProc("leafy", http_port, ["-dev", "-node", "leafy", "-http-port", str(http_port), "-dns-port",
-                                           str(dns_port), "-leaf-cert-ttl", "2h"], tmp_path / "leafy.log")
-    agent.start()
-    try:
-        agent.wait_ready()
+    with running_dev_agent(tmp_path, "leafy", "-leaf-cert-ttl", "2h", node="leafy") as agent:
         yield agent
-    finally:
-        agent.kill()
 
 
 def test_leaf_ttl_comes_from_agent_config(fast_leaf_agent: AgentProc) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from dnslib import RCODE, DNSRecord
-from procs import AgentProc, free_ports, wait_until
+from procs import AgentProc, running_dev_agent, wait_until
 
 from lictor.dns.ratelimit import QueryRateLimiter
 from lictor.dns.resolver import DnsConfig
@@ -107,16 +107,8 @@ def metric(agent: AgentProc, line_start: str) -> float:
 
 @pytest.fixture
 def limited_agent(tmp_path: Path) -> Iterator[AgentProc]:
-    http_port, dns_port = free_ports(2)
-    agent = AgentProc("dns-limited", http_port, [
-        "-dev", "-node", "dev", "-http-port", str(http_port), "-dns-port", str(dns_port),
-        "-dns-rate-limit", "2", "-dns-rate-burst", "5"], tmp_path / "agent.log", dns_port=dns_port)
-    agent.start()
-    try:
-        agent.wait_ready()
+    with running_dev_agent(tmp_path, "dns-limited", "-dns-rate-limit", "2", "-dns-rate-burst", "5") as agent:
         yield agent
-    finally:
-        agent.kill()
 
 
 def test_agent_refuses_a_burst_counts_it_and_recovers(limited_agent: AgentProc) -> None:
