@@ -279,8 +279,8 @@ class RegistryAPI:
             "X-Consul-Effective-Consistency": consistency,
         }
 
-    async def _read_entry(self, request: Request, view: Callable[..., tuple[int, Any]], *args: Any, **kwargs: Any
-                          ) -> tuple[QueryOptions, views.SharedRead]:
+    async def _read_entry(self, request: Request, view: Callable[..., tuple[int, Any]], *args: Any,
+                          as_body: bool = False, **kwargs: Any) -> tuple[QueryOptions, views.SharedRead]:
         self._check_dc(request)
         opts = query_options(request)
         if opts.consistent:
@@ -290,7 +290,7 @@ class RegistryAPI:
             raise APIError("No cluster leader", 500)
 
         def read() -> tuple[int, views.SharedRead]:
-            entry = views.read_shared_entry(self.store, view, *args, **kwargs)
+            entry = views.read_shared_entry(self.store, view, *args, as_body=as_body, **kwargs)
             return entry.index, entry
 
         _index, entry = await blocking(opts, self.log.feed, read)
@@ -304,7 +304,7 @@ class RegistryAPI:
     async def _read_reply(self, request: Request, view: Callable[..., tuple[int, Any]], *args: Any,
                           filterable: bool = True, **kwargs: Any) -> Response:
         """Answer with a view as it is: the cached JSON body unless `?filter` or `?pretty` reshape it."""
-        opts, entry = await self._read_entry(request, view, *args, **kwargs)
+        opts, entry = await self._read_entry(request, view, *args, as_body=True, **kwargs)
         filtering = filterable and request.query_params.get("filter")
         if filtering or "pretty" in request.query_params:
             data = self._filter(request, entry.data) if filtering else entry.data

@@ -13,6 +13,7 @@ import marshal
 from collections.abc import Callable
 from typing import Any
 
+from lictor.httpapi import compact_json
 from lictor.registry.state import StateStore
 
 Index = int
@@ -43,30 +44,42 @@ def read(store: StateStore, view: Callable[..., tuple[Index, Any]], *args: Any, 
 
 
 class SharedRead:
-    """One cached view result: read-only data shared by every caller, and its JSON encoded once."""
+    """One cached view result shared by every caller until what the view reads changes.
 
-    __slots__ = ("index", "data", "stamp", "_body")
+    Built in one of two forms. A reply entry holds only the compact JSON, encoded straight from the
+    live state under the lock: no private copy is made, and a write that wakes a thousand watchers of
+    one view encodes once. Its `data` (for `?filter` and `?pretty`) is decoded from that JSON on first
+    use. A data entry holds a private copy, for handlers that reshape the result themselves.
+    """
 
-    def __init__(self, index: Index, data: Any, stamp: Index) -> None:
-        self.index, self.data, self.stamp = index, data, stamp
-        self._body: bytes | None = None
+    __slots__ = ("index", "stamp", "_data", "_body")
+
+    def __init__(self, index: Index, stamp: Index, data: Any = None, body: bytes | None = None) -> None:
+        self.index, self.stamp, self._data, self._body = index, stamp, data, body
+
+    @property
+    def data(self) -> Any:
+        """Read-only: shared by every caller of this entry."""
+        if self._data is None and self._body is not None:
+            self._data = json.loads(self._body)
+        return self._data
 
     def body(self) -> bytes:
-        """Compact JSON of `data`; a write that wakes a thousand watchers of one view encodes once."""
         if self._body is None:
-            self._body = json.dumps(self.data, separators=(",", ":")).encode()
+            self._body = compact_json(self._data)
         return self._body
 
 
-def read_shared_entry(store: StateStore, view: Callable[..., tuple[Index, Any]], *args: Any, **kwargs: Any
-                      ) -> SharedRead:
+def read_shared_entry(store: StateStore, view: Callable[..., tuple[Index, Any]], *args: Any,
+                      as_body: bool = False, **kwargs: Any) -> SharedRead:
     """Like `read`, but results are shared between callers until what the view reads changes.
 
-    A view with a cheap index function (`_INDEX_OF`) stays cached while its own index is unchanged,
-    so writes elsewhere (KV, other services) don't force a rebuild; any other view is cached for
-    one store index. Callers must treat the result as read-only.
+    `as_body=True` asks for the encoded reply (see `SharedRead`); otherwise `data` is a private copy
+    made once. A view with a cheap index function (`_INDEX_OF`) stays cached while its own index is
+    unchanged, so writes elsewhere (KV, other services) don't force a rebuild; any other view is
+    cached for one store index. Callers must treat the result as read-only.
     """
-    key = (view, _freeze(args), _freeze(kwargs))
+    key = (view, as_body, _freeze(args), _freeze(kwargs))
     index_of = _INDEX_OF.get(view)
     with store.lock:
         stamp = index_of(store, *args, **kwargs) if index_of is not None else None
@@ -77,7 +90,12 @@ def read_shared_entry(store: StateStore, view: Callable[..., tuple[Index, Any]],
         if hit is not None and hit.stamp == stamp:
             return hit
         index, data = view(store, *args, **kwargs)
-        entry = SharedRead(max(index, 1), _copy(data), stamp)
+        if as_body:
+            # Encoding under the lock is what makes skipping the copy safe: the state can't change
+            # mid-encode, and nothing keeps a reference to the live objects afterwards.
+            entry = SharedRead(max(index, 1), stamp, body=compact_json(data))
+        else:
+            entry = SharedRead(max(index, 1), stamp, data=_copy(data))
         if len(cache) >= 4096:  # bounded: distinct queries (tags, filters) can't grow it forever
             cache.clear()
         cache[key] = entry

@@ -98,10 +98,12 @@ def test_a_cached_read_always_equals_a_fresh_one(steps: list[tuple[str, int, str
             if (i + j) % 3:
                 continue
             entry = views.read_shared_entry(store, view, *vargs, **vkwargs)
+            reply = views.read_shared_entry(store, view, *vargs, as_body=True, **vkwargs)
             fresh_index, fresh = views.read(store, view, *vargs, **vkwargs)
-            assert entry.index == fresh_index, (view.__name__, vargs, vkwargs)
+            assert entry.index == reply.index == fresh_index, (view.__name__, vargs, vkwargs)
             assert entry.data == fresh, (view.__name__, vargs, vkwargs)
-            assert json.loads(entry.body()) == json.loads(json.dumps(fresh))
+            assert json.loads(entry.body()) == json.loads(reply.body()) == json.loads(json.dumps(fresh))
+            assert reply.data == json.loads(json.dumps(fresh))
 
 
 @settings(max_examples=40, deadline=None)
@@ -120,14 +122,14 @@ def test_cheap_index_equals_the_views_index(steps: list[tuple[str, int, str, str
 def test_unrelated_writes_keep_the_cached_entry() -> None:
     store = StateStore()
     store.apply(command_for("register", 0, "passing", "web", "a"))
-    first = views.read_shared_entry(store, views.health_service_entries, "web")
+    first = views.read_shared_entry(store, views.health_service_entries, "web", as_body=True)
     body = first.body()
     for n in range(20):
         store.apply(cmd("kv_set", Key=f"other/{n}", Value="dg==", Flags=0))
-    again = views.read_shared_entry(store, views.health_service_entries, "web")
+    again = views.read_shared_entry(store, views.health_service_entries, "web", as_body=True)
     assert again is first and again.body() is body  # neither rebuilt nor re-encoded
     store.apply(command_for("status", 0, "critical", "web", "a"))
-    assert views.read_shared_entry(store, views.health_service_entries, "web") is not first
+    assert views.read_shared_entry(store, views.health_service_entries, "web", as_body=True) is not first
 
 
 def test_callers_get_copies_not_the_store() -> None:
@@ -137,9 +139,10 @@ def test_callers_get_copies_not_the_store() -> None:
     data[0]["Service"]["Port"] = 1
     assert store.services["n0"]["s0"]["Port"] == 80
     entry = views.read_shared_entry(store, views.catalog_node, "n0")
-    snapshot = copy.deepcopy(entry.data)
+    reply = views.read_shared_entry(store, views.catalog_node, "n0", as_body=True)
+    snapshot, body = copy.deepcopy(entry.data), reply.body()
     store.apply(command_for("register", 0, "passing", "web", "b"))  # mutates the store in place
-    assert entry.data == snapshot
+    assert entry.data == snapshot and reply.body() == body and reply.data == json.loads(body)
 
 
 def test_restore_clears_the_cache() -> None:
