@@ -81,7 +81,7 @@ from lictor.tracing import (
     SERVER,
     TRACE_HEADERS,
     OtlpExporter,
-    Span,
+    SpanRecord,
     TraceContext,
     Tracer,
     header_lines,
@@ -796,7 +796,7 @@ class Gateway:
                       routed: tuple[Any, ...] | bytes, obs: _Obs | None,
                       trace: bytes | None) -> bool:
         """`trace`: the trace header lines every attempt carries (None: headers as received); a sampled
-        request (`obs.span`) gets a span, and a header block, per attempt instead."""
+        request (`obs.sampled`) gets a span, and a header block, per attempt instead."""
         transport = down.transport
         assert transport is not None
         if isinstance(routed, bytes):
@@ -806,12 +806,12 @@ class Gateway:
                 obs.status = int(routed[9:12])
             return req.keep_alive
         snap, vhost, service, head, d = routed
-        span = obs.routed(service, d) if obs is not None else None  # None unless sampled
+        sampled = obs.routed(service, d) if obs is not None else False
         lb = d.resolver.load_balancer
         key, set_cookie = (hash_key(lb.hash_policies, head, self.rng) if lb.hash_policies else (None, None))
         # Request headers: hop-by-hop out, then ingress service, route and split changes.
         # a traced hop re-injects its own context
-        skip = _HOP_BY_HOP_AND_TRACE if span is not None or trace is not None else _HOP_BY_HOP
+        skip = _HOP_BY_HOP_AND_TRACE if sampled or trace is not None else _HOP_BY_HOP
         out_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers
                        if k.lower().decode("latin-1") not in skip]
         out_headers = apply_header_mods(apply_header_mods(out_headers, vhost.request_headers), d.request_headers)
@@ -1008,13 +1008,24 @@ class Gateway:
         return keep
 
 
+# A sampled request's spans, as span records (lictor.tracing.SpanRecord): attribute names per kind.
+_SERVER_KEYS = (ATTR_SERVICE, ATTR_PROXY, ATTR_METHOD, ATTR_PATH, ATTR_CLIENT_ADDRESS, ATTR_UPSTREAM, ATTR_ROUTE,
+                ATTR_SPLIT_TARGET, ATTR_RETRY_COUNT, ATTR_PEER_SPIFFE_ID, ATTR_INSTANCE)
+_TRY_KEYS = (ATTR_SERVICE, ATTR_UPSTREAM, ATTR_ROUTE, ATTR_SPLIT_TARGET, ATTR_TARGET, ATTR_INSTANCE, "server.address",
+             ATTR_ATTEMPT, ATTR_PEER_SPIFFE_ID)
+
+
 class _Obs:
     """One request's trace spans and access-log fields: a sampled or access-logged request only.
 
-    An unsampled request (logged) has no Span: `trace` is its context under a fresh span id."""
+    A sampled request keeps its spans as plain fields and hands them to the exporter at the end as
+    span records (one tuple per span, one queue item per request): no Span objects or attribute
+    dicts on the event loop; the exporter's thread encodes them. An unsampled request (logged) has
+    no spans: `trace` is its context under a fresh span id."""
 
-    __slots__ = ("gw", "down", "req", "started", "span", "trace", "trace_id", "span_id", "service", "route",
-                 "split", "status", "error", "retries", "bytes_sent", "try_span", "instance", "address", "peer_id")
+    __slots__ = ("gw", "down", "req", "started", "ctx", "sampled", "start_ns", "records", "try_", "events", "trace",
+                 "trace_id", "span_id", "service", "route", "split", "status", "error", "retries", "bytes_sent",
+                 "instance", "address", "peer_id")
 
     def __init__(self, gw: Gateway, down: Downstream, req: _Request, ctx: TraceContext | None) -> None:
         self.gw = gw
@@ -1028,75 +1039,89 @@ class _Obs:
         self.error = ""
         self.retries = 0
         self.bytes_sent = 0
-        self.try_span: Span | None = None
         self.instance = ""
         self.address = ""
         self.peer_id = ""
-        self.span: Span | None = None
+        self.ctx = ctx
+        self.sampled = False
+        self.start_ns = 0
+        self.records: list[SpanRecord] = []  # the ended attempts' spans (sampled)
+        self.try_: list[Any] | None = None  # the open attempt (sampled): see attempt()
+        self.events: list[tuple[int, str, dict[str, Any]]] | None = None  # retries, on the inbound span
         self.trace: bytes | None = None  # header lines for every attempt (unsampled, traced)
         self.trace_id = ctx.trace_id or None if ctx is not None else None
         self.span_id: str | None = None
-        tracer = gw.tracer
-        if tracer is not None and ctx is not None:  # ctx is tracer.root()'s: it has a trace id
+        if gw.tracer is not None and ctx is not None:  # ctx is tracer.root()'s: it has a trace id
+            self.span_id = new_span_id()
             if ctx.sampled:
-                self.span = span = tracer.start("inbound", SERVER, ctx, {
-                    ATTR_SERVICE: gw.cfg.service, ATTR_PROXY: "gateway", ATTR_METHOD: req.method,
-                    ATTR_PATH: req.url.decode("latin-1").partition("?")[0], ATTR_CLIENT_ADDRESS: down.peer})
-                self.span_id = span.span_id
+                self.sampled = True
+                self.start_ns = time.time_ns()
             else:
-                self.span_id = new_span_id()
                 self.trace = header_lines(ctx.trace_id, self.span_id, False, ctx.tracestate, ctx.b3)
 
-    def routed(self, service: str, d: Any) -> Span | None:
+    def routed(self, service: str, d: Any) -> bool:
+        """Note the routing decision; returns whether the request is sampled."""
         self.service = service
-        self.route = route = route_label(d.route)
-        self.split = split = d.resolver.name
-        span = self.span
-        if span is not None:
-            span.name = span_name("inbound", service)
-            a = span.attrs
-            a[ATTR_UPSTREAM] = service
-            a[ATTR_ROUTE] = route
-            a[ATTR_SPLIT_TARGET] = split
-        return span
+        self.route = route_label(d.route)
+        self.split = d.resolver.name
+        return self.sampled
 
     def attempt(self, target: Target, inst: Instance, attempt: int) -> bytes | None:
-        """Note one upstream try; sampled: start its span and return its trace headers (+ the blank line)."""
+        """Note one upstream try; sampled: open its span and return its trace headers (+ the blank line)."""
         self.instance = inst.id
-        self.address = f"{inst.address}:{inst.port}"
-        span = self.span
-        if span is None:
+        self.address = address = f"{inst.address}:{inst.port}"
+        if not self.sampled:
             return None
-        child = span.child(span_name("outbound", target.service), CLIENT, {
-            ATTR_SERVICE: self.gw.cfg.service, ATTR_UPSTREAM: target.service, ATTR_ROUTE: self.route,
-            ATTR_SPLIT_TARGET: self.split, ATTR_TARGET: target.id, ATTR_INSTANCE: inst.id,
-            "server.address": self.address, ATTR_ATTEMPT: attempt})
-        self.try_span = child
-        return child.header_bytes() + b"\r\n"
+        if self.try_ is not None:
+            self.attempt_end(0, "superseded")  # defensive: a try that was not ended
+        ctx = self.ctx
+        assert ctx is not None
+        span_id = new_span_id()
+        # [span id, upstream, target id, instance, address, attempt, peer id, start]
+        self.try_ = [span_id, target.service, target.id, inst.id, address, attempt, None, time.time_ns()]
+        return header_lines(ctx.trace_id, span_id, True, ctx.tracestate, ctx.b3) + b"\r\n"
 
     def connected(self, conn: Upstream) -> None:
         self.peer_id = conn.peer_id
-        if self.try_span is not None and conn.peer_id:
-            self.try_span.attrs[ATTR_PEER_SPIFFE_ID] = conn.peer_id
+        if self.try_ is not None and conn.peer_id:
+            self.try_[6] = conn.peer_id
 
     def attempt_end(self, status: int, error: str = "") -> None:
-        if self.try_span is not None:
-            self.try_span.end(status=status, error=error)
-            self.try_span = None
+        t = self.try_
+        if t is not None:
+            self.try_ = None
+            ctx = self.ctx
+            assert ctx is not None
+            self.records.append((
+                self.gw.tracer, span_name("outbound", t[1]), CLIENT, ctx.trace_id, t[0], self.span_id, ctx.tracestate,
+                t[7], time.time_ns(), _TRY_KEYS,
+                (self.gw.cfg.service, t[1], self.route, self.split, t[2], t[3], t[4], t[5], t[6]), status, error, None))
 
     def retried(self, attempt: int, reason: str) -> None:
         self.retries = attempt
-        if self.span is not None:
-            self.span.event("retry", {ATTR_ATTEMPT: attempt, "reason": reason})
+        if self.sampled:
+            if self.events is None:
+                self.events = []
+            self.events.append((time.time_ns(), "retry", {ATTR_ATTEMPT: attempt, "reason": reason}))
 
     def finish(self) -> None:
         gw = self.gw
-        self.attempt_end(0, "request ended before the upstream answered")  # cancelled mid-try
-        span = self.span
-        if span is not None:
-            span.end(status=self.status, error=self.error if self.status >= 500 else "",
-                     attrs={ATTR_RETRY_COUNT: self.retries, ATTR_PEER_SPIFFE_ID: self.peer_id or None,
-                            ATTR_INSTANCE: self.instance or None})
+        if self.sampled:
+            self.attempt_end(0, "request ended before the upstream answered")  # cancelled mid-try
+            ctx = self.ctx
+            tracer = gw.tracer
+            assert ctx is not None and tracer is not None
+            status = self.status
+            req = self.req
+            self.records.append((
+                tracer, span_name("inbound", self.service) if self.service else "inbound", SERVER, ctx.trace_id,
+                self.span_id, ctx.span_id, ctx.tracestate, self.start_ns, time.time_ns(), _SERVER_KEYS,
+                (gw.cfg.service, "gateway", req.method, req.url.decode("latin-1").partition("?")[0], self.down.peer,
+                 self.service or None, self.route or None, self.split or None, self.retries, self.peer_id or None,
+                 self.instance or None),
+                status, self.error if status >= 500 else "", self.events))
+            if tracer.submit is not None:
+                tracer.submit(self.records)
         if gw.access_log is not None:
             # FIELDS' order; the gateway enforces no intention (the destination's sidecar does)
             gw.access_log.row(self.started, (

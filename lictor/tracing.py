@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 __all__ = [
     "ATTR_PEER_SPIFFE_ID", "ATTR_RETRY_COUNT", "ATTR_ROUTE", "ATTR_SERVICE", "ATTR_SPLIT_TARGET", "ATTR_STATUS",
     "ATTR_UPSTREAM", "CLIENT", "INTERNAL", "SERVER", "TRACE_HEADERS", "TRACE_HEADERS_BYTES", "MemoryExporter", "OtlpExporter", "Span",
-    "TraceContext", "Tracer", "encode_otlp_json", "format_traceparent", "header_lines", "inject", "new_span_id",
-    "new_trace_id", "parse_b3_multi", "parse_b3_single", "parse_traceparent", "passthrough_header", "span_name",
+    "SpanRecord", "TraceContext", "Tracer", "encode_otlp_json", "format_traceparent", "header_lines", "inject", "new_span_id",
+    "new_trace_id", "parse_b3_multi", "parse_b3_single", "parse_traceparent", "passthrough_header", "span_name", "span_of_record",
 ]
 
 log = logging.getLogger("lictor.tracing")
@@ -91,16 +91,16 @@ def new_span_id() -> str:
     return f"{_bits(64) or 1:016x}"
 
 
-_NAMES: dict[tuple[str, str], str] = {}  # (direction, service) -> span name
+_SPAN_NAMES: dict[tuple[str, str], str] = {}  # (direction, service) -> span name
 
 
 def span_name(direction: str, service: str) -> str:
     """`f"{direction} {service}"`, remembered: a sampled request's spans need it on the hot path."""
-    name = _NAMES.get((direction, service))
+    name = _SPAN_NAMES.get((direction, service))
     if name is None:
-        if len(_NAMES) >= 4096:
-            _NAMES.clear()
-        name = _NAMES[(direction, service)] = f"{direction} {service}"
+        if len(_SPAN_NAMES) >= 4096:
+            _SPAN_NAMES.clear()
+        name = _SPAN_NAMES[(direction, service)] = f"{direction} {service}"
     return name
 
 
@@ -356,12 +356,58 @@ class Span:
             self.attrs.update(attrs)
         if status is not None:
             self.attrs[ATTR_STATUS] = status
-            if not error and (status >= 500 or status == 0):
-                error = f"HTTP {status}" if status else "no response"
-        self.error = error
+        self.error = _status_error(status, error)
         submit = self.tracer.submit
         if submit is not None:
             submit(self)  # the exporter's own method: no call layers between a span and its queue
+
+
+def _status_error(status: int | None, error: str) -> str:
+    """A span's error message: `error`, else one for a 5xx or missing (0) response."""
+    if not error and status is not None and (status >= 500 or status == 0):
+        return f"HTTP {status}" if status else "no response"
+    return error
+
+
+# ------------------------------------------------------------------------------- span records
+
+# A finished span as one flat tuple, made on the event loop without a Span or an attribute dict;
+# the exporter's thread encodes it (`_record_json`, batched, with warm caches) or, for a
+# MemoryExporter, turns it into a Span (`span_of_record`). A proxy puts one request's records on
+# the queue together, as one list. Fields, in order:
+#   tracer, name, kind, trace_id, span_id, parent_id, tracestate, start_ns, end_ns,
+#   keys, values, status, error, events
+# `keys`: attribute names, a tuple fixed per call site; `values`: the matching values (None: left
+# out), str or int only (the encoder's cache cannot tell 1 from True). `status` (None: unset) is
+# http.response.status_code; a 5xx or 0 without an `error` gets one, as in `Span.end`. `events`:
+# None or [(time_ns, name, attrs)]. A record is always a sampled span (unsampled hops record nothing).
+SpanRecord = tuple[Any, ...]
+
+
+def span_of_record(r: SpanRecord) -> Span:
+    """The Span a record stands for (ended, not submitted)."""
+    (tracer, name, kind, trace_id, span_id, parent_id, tracestate, start_ns, end_ns, keys, values, status, error,
+     events) = r
+    attrs = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+    if status is not None:
+        attrs[ATTR_STATUS] = status
+    span = Span(tracer, name, kind, trace_id, span_id, parent_id, True, tracestate, attrs=attrs, start_ns=start_ns)
+    span.end_ns = end_ns
+    span.events = list(events) if events else None
+    span.error = _status_error(status, error)
+    span.ended = True
+    return span
+
+
+def _flat(items: Iterable[Any]) -> list[Any]:
+    """Queue items (a Span, a record, or a list of records) as one list of spans and records."""
+    out: list[Any] = []
+    for item in items:
+        if type(item) is list:
+            out.extend(item)
+        else:
+            out.append(item)
+    return out
 
 
 class Tracer:
@@ -540,10 +586,46 @@ def _span_json(s: Span) -> str:
     return "".join(parts)
 
 
-def encode_otlp_json(spans: Iterable[Span], scope_version: str = "") -> bytes:
-    """An ExportTraceServiceRequest in OTLP's JSON mapping (hex ids), spans grouped by service."""
+_RECORD_ATTRS: dict[tuple[Any, ...], str] = {}  # (keys, values, status) -> the encoded attribute list
+
+
+def _record_json(r: SpanRecord) -> str:
+    """`_span_json` of `span_of_record(r)`, without building the Span."""
+    (tracer, name, kind, trace_id, span_id, parent_id, tracestate, start_ns, end_ns, keys, values, status, error,
+     events) = r
+    key = (keys, values, status)
+    attrs = _RECORD_ATTRS.get(key)
+    if attrs is None:
+        pairs = [_pair(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
+        if status is not None:
+            pairs.append(_pair(ATTR_STATUS, status))
+        attrs = ",".join(pairs)
+        if len(_RECORD_ATTRS) >= 4096:  # bounded: paths and client addresses vary
+            _RECORD_ATTRS.clear()
+        _RECORD_ATTRS[key] = attrs
+    out = (f'{{"traceId":"{trace_id}","spanId":"{span_id}","name":{_name(name)},"kind":{kind},'
+           f'"startTimeUnixNano":"{start_ns}","endTimeUnixNano":"{end_ns}","attributes":[{attrs}]')
+    if parent_id:
+        out += f',"parentSpanId":"{parent_id}"'
+    if tracestate:
+        out += f',"traceState":{_q(tracestate)}'
+    if events:
+        out += ',"events":[' + ",".join(f'{{"timeUnixNano":"{t}","name":{_q(n)},"attributes":[{_attributes(a)}]}}'
+                                        for t, n, a in events) + "]"
+    error = _status_error(status, error)
+    return out + (f',"status":{{"code":2,"message":{_q(error)}}}}}' if error else ',"status":{}}')
+
+
+def encode_otlp_json(spans: Iterable[Span | SpanRecord], scope_version: str = "") -> bytes:
+    """An ExportTraceServiceRequest in OTLP's JSON mapping (hex ids), spans grouped by service.
+
+    `spans`: Span objects and span records (`SpanRecord`), mixed."""
     by_service: dict[str, list[str]] = {}
     for s in spans:
+        if type(s) is tuple:
+            svc = s[0].service if s[0] is not None else ""
+            by_service.setdefault(svc, []).append(_record_json(s))
+            continue
         svc = s.tracer.service if s.tracer is not None else ""
         by_service.setdefault(svc, []).append(_span_json(s))
     scope = f'{{"name":"lictor","version":{_q(scope_version)}}}'
@@ -572,13 +654,14 @@ class Exporter:
 
 
 class MemoryExporter(Exporter):
-    """Keeps finished spans in a list (tests, debugging)."""
+    """Keeps finished spans in a list (tests, debugging); span records become Spans."""
 
     def __init__(self) -> None:
         self.spans: list[Span] = []
 
-    def submit(self, span: Span) -> None:
-        self.spans.append(span)
+    def submit(self, span: Span | SpanRecord | list[SpanRecord]) -> None:
+        for item in _flat((span,)):
+            self.spans.append(span_of_record(item) if type(item) is tuple else item)
 
 
 class BatchWorker:
@@ -625,15 +708,20 @@ class BatchWorker:
             self._idle.clear()
             items = [q.popleft() for _ in range(min(self.batch, len(q)))]
             try:
-                self.handle(items)
-                self.sent += len(items)
+                n = self.handle(items)
+                self.sent += len(items) if n is None else n
             except Exception as exc:  # noqa: BLE001 - the sink may be down; never kill the thread
-                self.failed += len(items)
+                self.failed += self.count(items)
                 self.on_error(exc)
         self._idle.set()
 
-    def handle(self, items: list[Any]) -> None:
+    def handle(self, items: list[Any]) -> int | None:
+        """Send a batch; returns how many things it held (None: one per item)."""
         raise NotImplementedError
+
+    def count(self, items: list[Any]) -> int:
+        """How many things a batch holds (what `failed` counts)."""
+        return len(items)
 
     def on_error(self, exc: Exception) -> None:
         log.warning("%s: %s", self._thread.name, exc)
@@ -670,10 +758,14 @@ class OtlpExporter(BatchWorker, Exporter):
         self._last_warning = 0.0
         super().__init__("lictor-otlp-export", max_queue, batch, interval)
 
-    submit = BatchWorker.put  # a span goes straight onto the queue
+    submit = BatchWorker.put  # a span (or a request's span records) goes straight onto the queue
 
-    def handle(self, items: list[Span]) -> None:
-        body = encode_otlp_json(items)
+    def count(self, items: list[Any]) -> int:
+        return len(_flat(items))
+
+    def handle(self, items: list[Any]) -> int:
+        spans = _flat(items)
+        body = encode_otlp_json(spans)
         for attempt in range(2):  # one retry on a stale keep-alive connection
             if self._conn is None:
                 cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
@@ -689,8 +781,9 @@ class OtlpExporter(BatchWorker, Exporter):
                     raise
                 continue
             if resp.status >= 300:
-                raise RuntimeError(f"OTLP endpoint answered {resp.status} for {len(items)} spans")
-            return
+                raise RuntimeError(f"OTLP endpoint answered {resp.status} for {len(spans)} spans")
+            return len(spans)
+        return 0  # not reached: the second failed attempt raises
 
     def on_error(self, exc: Exception) -> None:
         now = time.monotonic()

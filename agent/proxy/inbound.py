@@ -41,7 +41,6 @@ from lictor.tracing import (
     ATTR_SERVICE,
     SERVER,
     TRACE_HEADERS_BYTES,
-    Span,
     TraceContext,
     header_lines,
     new_span_id,
@@ -63,12 +62,27 @@ class _AppSide(Pipe):
     __slots__ = ()
 
 
+# The inbound span's attribute names (its span record's `keys`, lictor.tracing.SpanRecord).
+_SPAN_KEYS = (ATTR_SERVICE, ATTR_PROXY, ATTR_PEER_SPIFFE_ID, ATTR_INTENTION, ATTR_METHOD, ATTR_PATH)
+
+
+def _end_span(span: tuple[Any, ...], status: int, error: str = "") -> None:
+    """Hand an open inbound span (see `_InReq.span`) to the exporter as a span record."""
+    tracer, name, trace_id, span_id, parent_id, tracestate, start_ns, values = span
+    if tracer.submit is not None:
+        tracer.submit((tracer, name, SERVER, trace_id, span_id, parent_id, tracestate, start_ns, time.time_ns(),
+                       _SPAN_KEYS, values, status, error, None))
+
+
 class _InReq:
-    """One observed inbound request, from the intention decision until the app's response ends."""
+    """One observed inbound request, from the intention decision until the app's response ends.
+
+    `span` (sampled): the open SERVER span as plain fields, (tracer, name, trace_id, span_id,
+    parent_id, tracestate, start_ns, attribute values); `_end_span` turns it into a span record."""
 
     __slots__ = ("span", "trace_id", "span_id", "started", "method", "path", "received")
 
-    def __init__(self, span: Span | None, trace_id: str | None, span_id: str | None, method: str,
+    def __init__(self, span: tuple[Any, ...] | None, trace_id: str | None, span_id: str | None, method: str,
                  path: str) -> None:
         self.span = span
         self.trace_id = trace_id
@@ -82,12 +96,23 @@ class _InReq:
 class _ObservedApp(_AppSide):
     """The app side of an observed http connection: relays, then parses the responses for their status.
 
-    Every response is parsed, sampled or not, because only the parser knows where one ends and the
-    next (maybe a sampled request's) begins; so the callbacks are as few as that needs: the head
-    (status, HEAD) and the end. The body's size is counted only for an access log (`_LoggedApp`).
+    Only the parser knows where one response ends and the next (maybe a sampled request's) begins,
+    so responses are parsed from the connection's start while any request is awaited, with as few
+    callbacks as that needs: the head (status, HEAD) and the end. The body's size is counted only
+    for an access log (`_LoggedApp`, which parses every response).
+
+    Without an access log, parsing pauses at a message boundary with nothing awaited, unless the
+    caller has pipelined (see `InboundHTTPConn._expect`): the unrecorded requests that follow pass
+    with their responses unparsed, and a recorded one restarts a fresh parser (`restart`). That
+    restart point is a message boundary because a caller that does not pipeline sends a request only
+    once it has the whole previous response, i.e. once we have relayed it. A caller that starts to
+    pipeline while parsing is paused defeats this; its next response then most likely fails to
+    parse (not "HTTP/" where one should start) and the connection is no longer observed, as after
+    any unparsable response.
     """
 
-    __slots__ = ("conn", "rparser", "status", "sent", "reset", "last")
+    __slots__ = ("conn", "rparser", "status", "sent", "reset", "last", "broken")
+    pauses = True  # may stop parsing while nothing is awaited (not with an access log)
 
     def __init__(self, conn: InboundHTTPConn) -> None:
         super().__init__()
@@ -97,6 +122,15 @@ class _ObservedApp(_AppSide):
         self.sent = 0
         self.reset = False  # a HEAD response ended at its head: a fresh parser for what follows
         self.last = b""  # the previous chunk (a header end may straddle two)
+        self.broken = False  # a response did not parse (or an upgrade): never parse again
+
+    def restart(self) -> None:
+        """Parse again from the next byte the app sends (a message boundary: see the class doc)."""
+        if not self.broken:
+            self.rparser = httptools.HttpResponseParser(self)
+            self.status = self.sent = 0
+            self.reset = False
+            self.last = b""
 
     def data_received(self, data: bytes) -> None:
         # Every response of an observed connection passes here: Pipe.data_received and the parse are
@@ -124,6 +158,7 @@ class _ObservedApp(_AppSide):
         else:
             log.debug("inbound: cannot parse the app's response (%s); not observing this connection further", exc)
         self.rparser = None  # after an upgrade the rest is not HTTP
+        self.broken = True
 
     def _feed(self, data: bytes) -> bool:
         """Parse `data`; False once this connection is no longer observed."""
@@ -169,18 +204,24 @@ class _ObservedApp(_AppSide):
         self.status = status = self.rparser.get_status_code()
         if self.reset or (status < 200 and status != 101):
             return  # a HEAD answer (done) or an interim 1xx: the request's response is still to come
-        pending = self.conn._inflight
+        conn = self.conn
+        pending = conn._inflight
         if pending and pending[0] is None:
             pending.popleft()  # an unrecorded request's response: nothing else to do
         else:
-            self.conn._response_done(status, self.sent)
+            conn._response_done(status, self.sent)
         self.sent = 0
+        if not pending and self.pauses and not conn._pipelined:
+            # A boundary with nothing awaited: stop parsing until a recorded request (conn._expect).
+            self.rparser = None
+            conn._watching = False
 
 
 class _LoggedApp(_ObservedApp):
     """`_ObservedApp` that also counts each response's body bytes (the access log's bytes_sent)."""
 
     __slots__ = ()
+    pauses = False  # every request is logged: every response is parsed
 
     def on_body(self, body: bytes) -> None:
         self.sent += len(body)
@@ -254,7 +295,8 @@ class InboundHTTPConn(InboundConn):
     """
 
     __slots__ = ("parser", "_url", "_headers", "_allowed", "_chunked", "_denied", "_raw", "_forwarded",
-                 "_deny_body", "_deny_timer", "_obs", "_inflight", "_heads", "_cur", "_down_addr")
+                 "_deny_body", "_deny_timer", "_obs", "_inflight", "_heads", "_cur", "_down_addr", "_watching",
+                 "_pipelined")
 
     def __init__(self, listener: InboundListener) -> None:
         super().__init__(listener)
@@ -276,6 +318,8 @@ class InboundHTTPConn(InboundConn):
         self._heads = 0  # HEAD requests among them (their responses are parsed with care)
         self._cur: _InReq | None = None  # the request whose body is arriving
         self._down_addr = ""
+        self._watching = True  # the app's responses are parsed (paused: see _ObservedApp)
+        self._pipelined = False  # a request came while an earlier one was awaited: never pause
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._obs is not None and self._obs.access_log is not None:
@@ -302,7 +346,7 @@ class InboundHTTPConn(InboundConn):
         obs = self._obs
         assert obs is not None
         tracer = obs.tracer
-        span: Span | None = None
+        span: tuple[Any, ...] | None = None
         hdr: bytes | None = None
         ctx: TraceContext | None
         if tracer is not None and obs.access_log is None:
@@ -320,13 +364,12 @@ class InboundHTTPConn(InboundConn):
             root = tracer.root(ctx)
             if root.sampled:
                 svc = self.listener.state.spec.destination_name
-                span = tracer.start(span_name("inbound", svc), SERVER, root, {
-                    ATTR_SERVICE: svc, ATTR_PROXY: "sidecar", ATTR_PEER_SPIFFE_ID: self.uri,
-                    ATTR_INTENTION: "allow" if allowed else "deny", ATTR_METHOD: method,
-                    ATTR_PATH: path.partition("?")[0]})
-                trace_id: str | None = span.trace_id
-                span_id: str | None = span.span_id
-                hdr = span.header_bytes()
+                trace_id: str | None = root.trace_id
+                span_id: str | None = new_span_id()
+                span = (tracer, span_name("inbound", svc), root.trace_id, span_id, root.span_id, root.tracestate,
+                        time.time_ns(), (svc, "sidecar", self.uri, "allow" if allowed else "deny", method,
+                                         path.partition("?")[0]))
+                hdr = header_lines(root.trace_id, span_id, True, root.tracestate, root.b3)
             else:  # only propagate: a fresh span id under the same trace, no Span
                 trace_id, span_id = root.trace_id, new_span_id()
                 hdr = header_lines(trace_id, span_id, False, root.tracestate, root.b3)
@@ -334,7 +377,7 @@ class InboundHTTPConn(InboundConn):
             trace_id, span_id = (ctx.trace_id or None, None) if ctx is not None else (None, None)
         if not allowed:
             if span is not None:
-                span.end(status=403, error="denied by intention")
+                _end_span(span, 403, "denied by intention")
             if obs.access_log is not None:
                 self._log(_InReq(None, trace_id, span_id, method, path), 403, 0, "deny")
             return None
@@ -347,6 +390,15 @@ class InboundHTTPConn(InboundConn):
     def _expect(self, rec: _InReq | None, method: str) -> None:
         """A forwarded request whose response comes next after the ones already awaited."""
         self._cur = rec
+        if not self._watching:  # parsing paused at a boundary (_ObservedApp)
+            if rec is None:
+                return  # nothing to record: its response passes unparsed
+            self._watching = True
+            app = self.peer
+            if isinstance(app, _ObservedApp):
+                app.restart()
+        elif self._inflight:
+            self._pipelined = True
         if method != "HEAD":
             self._inflight.append(rec)
         else:
@@ -370,7 +422,7 @@ class InboundHTTPConn(InboundConn):
 
     def _finish(self, rec: _InReq, status: int, sent: int, error: str = "") -> None:
         if rec.span is not None:
-            rec.span.end(status=status, error=error)
+            _end_span(rec.span, status, error)
         if self._obs is not None and self._obs.access_log is not None:
             self._log(rec, status, sent, "allow")
 
@@ -413,7 +465,10 @@ class InboundHTTPConn(InboundConn):
                 if isinstance(hop, bytes):
                     trace = hop
                     self._cur = None
-                    self._inflight.append(None)
+                    if self._watching:  # else: parsing is paused and this response needs none
+                        if self._inflight:
+                            self._pipelined = True
+                        self._inflight.append(None)
                 else:
                     trace = self._observe(method, path, headers, True, hop)
             else:

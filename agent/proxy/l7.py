@@ -72,7 +72,7 @@ from lictor.tracing import (
     ATTR_UPSTREAM,
     CLIENT,
     TRACE_HEADERS,
-    Span,
+    SpanRecord,
     TraceContext,
     Tracer,
     header_lines,
@@ -666,12 +666,20 @@ class L7Router:
         return keep
 
 
+# A sampled request's attempt spans, as span records (lictor.tracing.SpanRecord): their attribute names.
+_TRY_KEYS = (ATTR_SERVICE, ATTR_PROXY, ATTR_UPSTREAM, ATTR_ROUTE, ATTR_SPLIT_TARGET, ATTR_TARGET, ATTR_INSTANCE,
+             "server.address", ATTR_ATTEMPT, ATTR_PEER_SPIFFE_ID, ATTR_RETRY_COUNT)
+
+
 class _OutReq:
-    """One traced or access-logged request on an http upstream: its attempts' spans and its log fields."""
+    """One traced or access-logged request on an http upstream: its attempts' spans and its log fields.
+
+    A sampled request's attempt spans are plain fields until they end, then span records handed to
+    the exporter together when the request finishes (no Span objects on the event loop)."""
 
     __slots__ = ("tracer", "ctx", "sampled", "trace_id", "span_id", "started", "method", "path", "received",
                  "upstream", "route", "split", "status", "error", "retries", "sent", "address", "peer_id",
-                 "try_span")
+                 "try_", "records")
 
     def __init__(self, tracer: Tracer | None, ctx: TraceContext | None, span_id: str | None, req: _Request,
                  path: str, upstream: str, d: Any) -> None:
@@ -693,35 +701,45 @@ class _OutReq:
         self.sent = 0
         self.address = ""
         self.peer_id = ""
-        self.try_span: Span | None = None
+        self.try_: list[Any] | None = None  # the open try: [span id, service, target id, instance, attempt, peer, start]
+        self.records: list[SpanRecord] = []
 
     def attempt(self, target: Any, inst: Instance, attempt: int) -> bytes:
-        """Start one try's CLIENT span; returns its context as header lines."""
-        assert self.tracer is not None and self.ctx is not None
-        if self.try_span is not None:
+        """Open one try's CLIENT span; returns its context as header lines."""
+        ctx = self.ctx
+        assert self.tracer is not None and ctx is not None
+        if self.try_ is not None:
             self.attempt_end(0, "superseded")  # defensive: a try that was not ended
-        span = self.tracer.start(span_name("outbound", target.service), CLIENT, self.ctx, {
-            ATTR_SERVICE: self.tracer.service, ATTR_PROXY: "sidecar", ATTR_UPSTREAM: self.upstream,
-            ATTR_ROUTE: self.route, ATTR_SPLIT_TARGET: self.split, ATTR_TARGET: target.id, ATTR_INSTANCE: inst.id,
-            "server.address": self.address, ATTR_ATTEMPT: attempt})
-        self.try_span = span
-        self.span_id = span.span_id
-        return span.header_bytes()
+        if not ctx.trace_id:  # a bare B3 decision: this hop starts the trace (tracer.root gives it an id)
+            self.ctx = ctx = self.tracer.root(ctx)
+            self.trace_id = ctx.trace_id
+        self.span_id = span_id = new_span_id()
+        self.try_ = [span_id, target.service, target.id, inst.id, attempt, None, time.time_ns()]
+        return header_lines(ctx.trace_id, span_id, True, ctx.tracestate, ctx.b3)
 
     def connected(self, peer_id: str) -> None:
         self.peer_id = peer_id
-        if self.try_span is not None and peer_id:
-            self.try_span.attrs[ATTR_PEER_SPIFFE_ID] = peer_id
+        if self.try_ is not None and peer_id:
+            self.try_[5] = peer_id
 
     def attempt_end(self, status: int, error: str = "") -> None:
-        span = self.try_span
-        if span is not None:
-            self.try_span = None
-            span.end(status=status, error=error, attrs={ATTR_RETRY_COUNT: self.retries})
+        t = self.try_
+        if t is not None:
+            self.try_ = None
+            ctx = self.ctx
+            tracer = self.tracer
+            assert ctx is not None and tracer is not None
+            self.records.append((
+                tracer, span_name("outbound", t[1]), CLIENT, ctx.trace_id, t[0], ctx.span_id, ctx.tracestate, t[6],
+                time.time_ns(), _TRY_KEYS,
+                (tracer.service, "sidecar", self.upstream, self.route, self.split, t[2], t[3], self.address, t[4], t[5],
+                 self.retries), status, error, None))
 
     def finish(self, obs: Observer, down: HTTPOutbound) -> None:
-        if self.try_span is not None:
+        if self.try_ is not None:
             self.attempt_end(0, "request ended before the upstream answered")  # cancelled mid-try
+        if self.records and self.tracer is not None and self.tracer.submit is not None:
+            self.tracer.submit(self.records)
         if obs.access_log is not None:
             obs.access_log.row(self.started, (
                 self.trace_id, self.span_id, "sidecar", obs.service, self.upstream, self.route, self.split,

@@ -230,6 +230,8 @@ class _FakeConn:
         self._inflight: collections.deque[object] = collections.deque(
             _InReq(None, None, None, m, "/") for m in methods)  # recorded requests: each response reports
         self._heads = methods.count("HEAD")
+        self._pipelined = False
+        self._watching = True
         self.done: list[int] = []
 
     def _response_done(self, status: int, sent: int) -> None:
@@ -249,4 +251,30 @@ def test_head_response_then_more_in_one_read_or_split_anywhere(cut: int) -> None
     app = _ObservedApp(conn)  # type: ignore[arg-type]
     for chunk in (data[:cut], data[cut:]) if cut else (data,):
         app.data_received(chunk)
-    assert conn.done == [200, 418, 204] and app.rparser is not None
+    assert conn.done == [200, 418, 204] and not app.broken
+    assert app.rparser is None and not conn._watching  # nothing awaited: parsing paused at the boundary
+
+
+async def test_unpipelined_requests_parse_only_what_is_recorded(env_traced_only: Env,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request at a time (what the proxies' pools do): parsing pauses while only unsampled requests
+    are awaited, and a sampled one restarts it at the next response, which is its own."""
+    env = env_traced_only
+    restarts: list[int] = []
+    restart = _ObservedApp.restart
+    monkeypatch.setattr(_ObservedApp, "restart", lambda self: (restarts.append(1), restart(self))[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    flags = ["00", "00", "01", "00", "00", "01", "01", "00"]
+    paths = [f"/{i}" if flag == "00" else "/teapot" if i == 2 else f"/s{i}" for i, flag in enumerate(flags)]
+    for flag, path in zip(flags, paths, strict=True):
+        method = "HEAD" if path == "/1" else "GET"
+        writer.write(f"{method} {path} HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{TID}-{SID}-{flag}\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+        if method != "HEAD":
+            body = await asyncio.wait_for(reader.readexactly(length), 10)
+            assert body.endswith(b"-01" if flag == "01" else b"-00")
+    writer.close()
+    statuses = {s.attrs["url.path"]: s.attrs["http.response.status_code"] for s in env.exporter.spans}
+    assert statuses == {"/teapot": 418, "/s5": 200, "/s6": 200}
+    assert len(restarts) == 3  # paused after /0 (and after each sampled one), restarted per sampled request

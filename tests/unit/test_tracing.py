@@ -26,6 +26,7 @@ from lictor.tracing import (
     new_trace_id,
     parse_b3_single,
     parse_traceparent,
+    span_of_record,
 )
 
 TID = "0af7651916cd43dd8448eb211c80319c"
@@ -280,6 +281,40 @@ def test_otlp_json_encoding() -> None:
     assert "parentSpanId" not in by_svc["order"][0] and by_svc["order"][0]["status"] == {}
 
 
+def _records(tracer: Tracer) -> list[tuple[object, ...]]:
+    """A retried request's span records as a proxy queues them: two tries, then the inbound span."""
+    keys = ("service", "upstream", "retry.attempt", "peer.spiffe_id")
+    return [
+        (tracer, "outbound web", CLIENT, TID, "1111111111111111", "2222222222222222", "k=v", 10, 20, keys,
+         ("gw", "web", 0, None), 503, "", None),
+        (tracer, "outbound web", CLIENT, TID, "3333333333333333", "2222222222222222", "k=v", 21, 30, keys,
+         ("gw", "web", 1, "spiffe://td/ns/default/dc/dc1/svc/web"), 200, "", None),
+        (tracer, "inbound web", SERVER, TID, "2222222222222222", SID, "k=v", 5, 31, ("service", "retry.count"),
+         ("gw", 1), 0, "", [(22, "retry", {"retry.attempt": 1, "reason": "status 503"})]),
+    ]
+
+
+def test_span_records_are_the_spans_they_stand_for() -> None:
+    """A record (what the proxies queue instead of a Span) encodes exactly like its Span."""
+    ex = MemoryExporter()
+    tracer = Tracer("gw", ex)
+    records = _records(tracer)
+    ex.submit(records)  # one request's records: one queue item
+    first, second, inbound = ex.spans
+    assert (first.span_id, first.parent_id, first.trace_id, first.tracestate) == (
+        "1111111111111111", "2222222222222222", TID, "k=v")
+    assert first.attrs == {"service": "gw", "upstream": "web", "retry.attempt": 0,
+                           "http.response.status_code": 503}  # None: left out
+    assert first.error == "HTTP 503" and second.error == "" and inbound.error == "no response"
+    assert second.attrs["peer.spiffe_id"].endswith("/svc/web") and inbound.events and inbound.parent_id == SID
+    assert (inbound.start_ns, inbound.end_ns) == (5, 31)
+    for rec in records:
+        assert encode_otlp_json([rec]) == encode_otlp_json([span_of_record(rec)])
+    assert encode_otlp_json(records) == encode_otlp_json([span_of_record(r) for r in records])
+    doc = json.loads(encode_otlp_json([*records, tracer.start("x", SERVER, None)]))  # records and Spans mixed
+    assert len(doc["resourceSpans"][0]["scopeSpans"][0]["spans"]) == 4
+
+
 class _Collector(BaseHTTPRequestHandler):
     bodies: list[tuple[str, str, bytes]] = []
     status = 200
@@ -304,11 +339,12 @@ def test_otlp_exporter_batches_to_v1_traces() -> None:
         tracer = Tracer("gw", ex)
         for _ in range(120):
             tracer.start("in", SERVER, None).end(status=200)
+        ex.submit(_records(tracer))  # one request's span records: one queue item, three spans
         assert ex.flush(5.0)
         tracer.close()
         spans = [s for _, _, b in _Collector.bodies
                  for s in json.loads(b)["resourceSpans"][0]["scopeSpans"][0]["spans"]]
-        assert len(spans) == 120 and ex.sent == 120 and ex.dropped == 0
+        assert len(spans) == 123 and ex.sent == 123 and ex.dropped == 0
         assert {p for p, _, _ in _Collector.bodies} == {"/v1/traces"}
         assert {c for _, c, _ in _Collector.bodies} == {"application/json"}
         assert all(len(json.loads(b)["resourceSpans"][0]["scopeSpans"][0]["spans"]) <= 50
