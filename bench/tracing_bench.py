@@ -76,7 +76,8 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "metrics only": ([], True),
     HEADLINE: (["-otlp-endpoint", SINK, "-trace-sample-ratio", "0.1"], True),
 }
-EXTRA_VARIANTS: dict[str, tuple[list[str], bool]] = {  # --all
+EXTRA_VARIANTS: dict[str, tuple[list[str], bool]] = {  # --all, or by name with --variant
+    "tracing 0 + metrics": (["-otlp-endpoint", SINK, "-trace-sample-ratio", "0"], True),  # the unsampled path
     "tracing 1.0 + metrics": (["-otlp-endpoint", SINK, "-trace-sample-ratio", "1.0"], True),
     "tracing 0.1 + metrics + access log": (["-otlp-endpoint", SINK, "-trace-sample-ratio", "0.1",
                                             "-access-log", "{root}/access-tenth.jsonl"], True),
@@ -155,9 +156,18 @@ def main() -> int:
     ap.add_argument("--slice", type=int, default=2, help="seconds per variant per round (interleaving)")
     ap.add_argument("--together", action="store_true",
                     help="load the variants of a kind (gateways, sidecar pairs) at the same time, not in turn")
-    ap.add_argument("--all", action="store_true", help="also tracing 1.0, and tracing 0.1 with an access log")
+    ap.add_argument("--all", action="store_true", help="also tracing 0 and 1.0, and tracing 0.1 with an access log")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="run only these variants (repeatable; 'off' is always run): "
+                         + "; ".join(n for n in {**VARIANTS, **EXTRA_VARIANTS} if n != "off"))
     args = ap.parse_args()
     variants = {**VARIANTS, **(EXTRA_VARIANTS if args.all else {})}
+    if args.variant:
+        known = {**VARIANTS, **EXTRA_VARIANTS}
+        unknown = [v for v in args.variant if v not in known]
+        if unknown:
+            ap.error(f"unknown variant(s) {unknown}; known: {list(known)}")
+        variants = {v: known[v] for v in known if v == "off" or v in args.variant}
     ensure_tools()
     root = Path(tempfile.mkdtemp(prefix="lictor-trace-bench-"))
     os.chmod(root, 0o700)

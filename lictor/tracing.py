@@ -461,8 +461,12 @@ class Tracer:
                 return b"traceparent: 00-%032x-%016x-00\r\n" % (r, _bits(64) or 1)
         elif "tracestate" not in headers and "b3" not in headers and "x-b3-traceid" not in headers:
             m = _TP00.fullmatch(tp)
-            if m is not None and m[3] == "00" and m[1] != _ZERO_TRACE and m[2] != _ZERO_SPAN:
-                return b"traceparent: 00-%s-%016x-00\r\n" % (m[1].encode(), _bits(64) or 1)
+            if m is not None and m[1] != _ZERO_TRACE and m[2] != _ZERO_SPAN:
+                flags = m[3]
+                if flags == "00":
+                    return b"traceparent: 00-%s-%016x-00\r\n" % (m[1].encode(), _bits(64) or 1)
+                if flags == "01":  # a sampled caller: hop() returns its context as is
+                    return TraceContext(m[1], m[2], True)
         return self.hop(TraceContext.from_headers(headers))
 
     def root(self, parent: TraceContext | None) -> TraceContext:

@@ -232,6 +232,10 @@ def test_hop_from_headers_matches_hop_of_the_parsed_context() -> None:
     h = _header(tracer.hop_from({"traceparent": f"00-{TID}-{SID}-00", "host": "x"}))  # type: ignore[arg-type]
     assert list(h) == ["traceparent"] and h["traceparent"].startswith(f"00-{TID}-") and SID not in h["traceparent"]
     assert tracer.hop_from({"traceparent": f"00-{TID}-{SID}-01"}) == TraceContext(TID, SID, True)
+    assert tracer.hop_from({"traceparent": f"00-{TID}-{SID}-03"}) == TraceContext(TID, SID, True)  # other flag bits
+    assert tracer.hop_from({"traceparent": f"00-{TID}-{SID}-01", "tracestate": "k=v"}) == TraceContext(
+        TID, SID, True, "k=v")
+    assert tracer.hop_from({"traceparent": f"00-{TID}-{'0' * 16}-01"}) != TraceContext(TID, "0" * 16, True)
     h = _header(tracer.hop_from({"traceparent": f"00-{TID}-{SID}-00", "tracestate": "k=v"}))  # type: ignore[arg-type]
     assert h["tracestate"] == "k=v" and h["traceparent"].startswith(f"00-{TID}-")
     h = _header(tracer.hop_from({"traceparent": f"00-{'0' * 32}-{SID}-00"}))  # type: ignore[arg-type]
