@@ -20,6 +20,7 @@ from lictor import __version__, metrics, monitor
 from lictor.config import AgentConfig
 from lictor.errors import APIError
 from lictor.httpapi import empty_ok, guarded, json_response, method_not_allowed
+from lictor.routing import IndexedRouter
 
 log = logging.getLogger("lictor")
 
@@ -54,6 +55,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.app = Starlette(exception_handlers={405: method_not_allowed, 404: method_not_allowed})
+        self.app.router = IndexedRouter()  # before the first request builds the middleware stack
         self.server: Any = None
         self.local: Any = None
         self.extras: list[Any] = []  # DNS server, proxies ...: objects with async stop()
@@ -99,6 +101,9 @@ class Agent:
             uv_config = uvicorn.Config(
                 asgi, host=config.client, port=port, log_level="warning", lifespan="off",
                 access_log=False, timeout_keep_alive=30, loop="none", **limits.uvicorn_options(config), **extra,
+                # No X-Forwarded-For rewriting: a local client could otherwise pick the address the
+                # per-client limits and logs see (and it is one ASGI layer less per request).
+                proxy_headers=False,
             )
             server = uvicorn.Server(uv_config)
             server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
