@@ -351,7 +351,8 @@ def verify(state: State, servers: list[AgentProc], timeout: float = 60.0) -> dic
 
 
 async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think: float = 0.5,
-                   restart_signal: str = "kill", baseline_secs: float = 4.0, faults_on: bool = True) -> dict[str, Any]:
+                   restart_signal: str = "kill", baseline_secs: float = 4.0, faults_on: bool = True,
+                   watch_share: float = 0.1) -> dict[str, Any]:
     cluster = Cluster(root, 3)
     agents: list[AgentProc] = []
     out: dict[str, Any] = {"machine": machine(), "duration": duration, "clients": clients, "think": think,
@@ -363,7 +364,7 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         state = State(targets, [a.name for a in agents])
         # Something to read before the clock starts: KV keys, and every load client's share of services,
         # so the catalog the baseline reads is the size the load keeps it at (registrations churn).
-        watchers = max(1, clients // 10)
+        watchers = round(clients * watch_share)
         load_clients = [Client(state, w) for w in range(watchers, clients)]
         await asyncio.gather(*(Client(state, 20_000 + i).kv_write() for i in range(20)))
         gate = asyncio.Semaphore(32)
@@ -539,6 +540,7 @@ def main() -> int:
     parser.add_argument("--think", type=float, default=0.5)
     parser.add_argument("--restart-signal", choices=["kill", "term"], default="kill")
     parser.add_argument("--no-faults", action="store_true", help="the same load with nothing killed (diagnosis)")
+    parser.add_argument("--watch-share", type=float, default=0.1, help="share of clients running blocking queries")
     parser.add_argument("--json", default="")
     parser.add_argument("--root", default="")
     args = parser.parse_args()
@@ -549,7 +551,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lictor-soak-", dir=args.root or None) as tmp:
         log(f"soak: loop={loop_name}, root={tmp}")
         out = asyncio.run(run_soak(Path(tmp), args.duration, args.clients, args.think, args.restart_signal,
-                                   faults_on=not args.no_faults))
+                                   faults_on=not args.no_faults, watch_share=args.watch_share))
     report(out)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
