@@ -1,8 +1,8 @@
 """The agent's DNS: a catalog view kept current by blocking queries, served by `lictor.dns`.
 
-DNS answers never cost a server round trip: the agent holds a whole-catalog view, refreshed
-the moment the servers report a change (a blocking query on `/v1/internal/snapshot`), or
-directly from the replicated store on a server agent.
+DNS answers never cost a server round trip: the agent holds the whole catalog, refreshed the
+moment the servers report a change (a blocking query on `/v1/internal/snapshot`), or directly
+from the replicated store on a server agent, and builds its DNS view from it when queried.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from lictor.config import AgentConfig
@@ -47,21 +48,35 @@ def _count_rate_refusal() -> None:
 
 
 class CatalogFollower:
-    """Holds the current CatalogView and keeps it fresh."""
+    """Holds the catalog the DNS answers from and keeps it fresh.
+
+    Following is cheap and eager: a change is noticed at once (a blocking query, or the local store's
+    change feed). Building the CatalogView is O(catalog) (~6 ms at 540 services) and lazy: it happens
+    when a DNS query needs a view newer than the last one built, at most once per
+    REBUILD_MIN_PERIOD. An agent nobody queries over DNS builds nothing while its catalog churns.
+    """
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.view = CatalogView.empty(config.datacenter)
-        self.index = 0
+        self.index = 0  # of the newest catalog known
         self.updated = 0.0  # monotonic time of the last successful refresh
         self.waiting = False  # a blocking query is parked on a server right now
         self._task: asyncio.Task[None] | None = None
+        self._pending: Callable[[], dict[str, Any]] | None = None  # the newest catalog, not built yet
+        self._built_at = -REBUILD_MIN_PERIOD
 
     def build(self, snapshot: dict[str, Any]) -> None:
         servers = [s["Node"] for s in snapshot.get("Services", []) if s.get("Service") == "consul"]
         self.view = CatalogView.from_snapshot(
             snapshot, self.config.datacenter, ingress_services=snapshot.get("IngressServices") or {}, servers=servers
         )
+        self._built_at = time.monotonic()
+
+    def _offer(self, index: int, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """A newer catalog: `snapshot()` gives it when a query needs it."""
+        self.index = index
+        self._pending = snapshot
         self.updated = time.monotonic()
 
     def get(self) -> CatalogView | None:
@@ -71,38 +86,50 @@ class CatalogFollower:
         # While a blocking query is parked on a server, the view is current by definition.
         if not self.waiting and time.monotonic() - self.updated > self.config.dns_max_stale:
             return None
+        if self._pending is not None and time.monotonic() - self._built_at >= REBUILD_MIN_PERIOD:
+            snapshot, self._pending = self._pending, None
+            self.build(snapshot())
         return self.view
 
     async def follow_store(self, log_: Any) -> None:
-        """Server agents: rebuild from the local replicated store whenever it changes. With ACLs on,
+        """Server agents: note every change of the local replicated store's catalog. With ACLs on,
         the view holds only what the agent's default token (-acl-token, else anonymous) may read."""
         feed = log_.feed
         resolver = None
+        authz: Any = None
         if self.config.acl_enabled:
             from lictor.registry.acl_http import ServerResolver
 
             resolver = ServerResolver(lambda: log_.store, self.config.acl_default_policy, self.config.acl_initial_management)
         while True:
             generation = feed.generation
-            index, snapshot = views.read(log_.store, views.catalog_snapshot)
-            if index != self.index:  # ACL changes move the index too
-                self.index = index
-                if resolver is not None:
-                    snapshot = await self._acl_filter(resolver, snapshot)
-                self.build(snapshot)
+            index = views.catalog_snapshot_index(log_.store)  # cheap: KV writes don't touch the catalog
+            previous_authz = authz
+            if resolver is not None:
+                authz = await self._authorizer(resolver)  # a token or policy change re-filters the view
+            if index != self.index or authz is not previous_authz:
+                self._offer(index, lambda authz=authz: self._store_snapshot(log_.store, authz))
             self.updated = time.monotonic()
             await feed.wait(generation, 30.0)
             await asyncio.sleep(REBUILD_MIN_PERIOD)
 
-    async def _acl_filter(self, resolver: Any, snapshot: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _store_snapshot(store: Any, authz: Any) -> dict[str, Any]:
+        snapshot = views.read(store, views.catalog_snapshot)[1]
+        if authz is None:
+            return snapshot
+        from lictor import acl
+
+        return acl.filter_response("catalog_snapshot", snapshot, authz)[0]
+
+    async def _authorizer(self, resolver: Any) -> Any:
         from lictor import acl
 
         try:
             resolved = await resolver.resolve(self.config.acl_token)
         except APIError:
             resolved = None
-        authz = resolved.authz if resolved is not None else acl.Authorizer(acl.Rules(), "deny", "", True)
-        return acl.filter_response("catalog_snapshot", snapshot, authz)[0]
+        return resolved.authz if resolved is not None else acl.Authorizer(acl.Rules(), "deny", "", True)
 
     async def follow_servers(self, pool: Any) -> None:
         """Client agents: a blocking query on the whole catalog, stale reads allowed."""
@@ -125,8 +152,7 @@ class CatalogFollower:
                 if index < self.index:
                     self.index = 0  # the servers' index went backwards (restore): start over
                 elif index != self.index:
-                    self.index = index
-                    self.build(resp.json())
+                    self._offer(index, resp.json)  # decoded when a query needs it
                 backoff = 0.2
                 await asyncio.sleep(REBUILD_MIN_PERIOD)
             except asyncio.CancelledError:

@@ -445,8 +445,8 @@ class ServerAgent:
 
     async def snapshot_endpoint(self, request: Request) -> Response:
         assert self.api is not None
-        opts, index, data = await self.api._read(request, views.catalog_snapshot)
-        return self.api._reply(request, data, index, opts)
+        # Every client agent's DNS follows this: one encoded body shared by all of them per change.
+        return await self.api._read_reply(request, views.catalog_snapshot, filterable=False)
 
     async def leave(self) -> None:
         """Leave gracefully: hand leadership over, take ourselves out of the peer set, stop."""

@@ -46,6 +46,7 @@ READS: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = [
     (views.health_checks, ("web",), {}),
     (views.health_state, ("critical",), {}),
     (views.health_state, ("any",), {}),
+    (views.catalog_snapshot, (), {}),
     (views.health_node, ("n1",), {}),
     (views.kv_get, ("k1",), {}),
     (views.kv_get, ("k3",), {}),
@@ -117,6 +118,7 @@ def test_cheap_index_equals_the_views_index(steps: list[tuple[str, int, str, str
             cheap = index_of(store, *vargs, **vkwargs) if index_of else None
             if cheap is not None:
                 assert cheap == view(store, *vargs, **vkwargs)[0], (view.__name__, vargs, vkwargs)
+        assert views.catalog_snapshot_index(store) == views.catalog_snapshot(store)[0]
 
 
 def test_unrelated_writes_keep_the_cached_entry() -> None:
