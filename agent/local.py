@@ -99,7 +99,9 @@ class ServerPool:
 
     def __init__(self, addresses: list[str], *, scheme: str = "http", verify: ssl.SSLContext | bool = True) -> None:
         self.addresses = list(dict.fromkeys(addresses))
-        self.current = 0
+        # Start on a random server, as Consul's agents shuffle theirs: agents that all list the same
+        # servers would otherwise all land on the first one and leave the others idle.
+        self.current = random.randrange(len(self.addresses)) if self.addresses else 0
         self.scheme = scheme  # for addresses given without one; `https://host:port` in -retry-join also works
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0), limits=httpx.Limits(max_connections=512),
                                         verify=verify)
