@@ -774,11 +774,11 @@ class Gateway:
             req.headers if isinstance(routed, bytes) else routed[3].headers)
         tracer = self.tracer
         if tracer is not None and self.access_log is None:
-            hop = (tracer.hop_from(headers) if isinstance(headers, dict)
-                   else tracer.hop(TraceContext.from_headers(headers)))
+            hop = tracer.hop_from(headers)
             if isinstance(hop, bytes):
-                # Nothing to record: the context goes on under a fresh span id, no bookkeeping.
-                return await self._handle(down, req, started, routed, None, hop)
+                # Nothing to record, no bookkeeping: a new trace's traceparent, or (PASS, b"") an unsampled
+                # caller's trace headers forwarded as they came.
+                return await self._handle(down, req, started, routed, None, hop or None)
             ctx: TraceContext | None = hop
         else:
             ctx = TraceContext.from_headers(headers)

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "ATTR_PEER_SPIFFE_ID", "ATTR_RETRY_COUNT", "ATTR_ROUTE", "ATTR_SERVICE", "ATTR_SPLIT_TARGET", "ATTR_STATUS",
-    "ATTR_UPSTREAM", "CLIENT", "INTERNAL", "SERVER", "TRACE_HEADERS", "TRACE_HEADERS_BYTES", "MemoryExporter", "OtlpExporter", "Span",
+    "ATTR_UPSTREAM", "CLIENT", "INTERNAL", "PASS", "SERVER", "TRACE_HEADERS", "TRACE_HEADERS_BYTES", "MemoryExporter", "OtlpExporter", "Span",
     "SpanRecord", "TraceContext", "Tracer", "encode_otlp_json", "format_traceparent", "header_lines", "inject", "new_span_id",
     "new_trace_id", "parse_b3_multi", "parse_b3_single", "parse_traceparent", "passthrough_header", "span_name", "span_of_record",
 ]
@@ -274,6 +274,11 @@ def inject(headers: MutableMapping[str, str] | list[tuple[str, str]], ctx: Trace
         headers.update(new)
 
 
+# A hop's "trace header lines" meaning: forward the caller's trace headers as they came (an unsampled
+# caller through a hop that records nothing). Empty, so `hop or None` is the proxies' "as received".
+PASS = b""
+
+
 def header_lines(trace_id: str, span_id: str, sampled: bool, tracestate: str = "", b3: str = "") -> bytes:
     """A context as HTTP/1.1 header lines (`traceparent: ...\\r\\n`, plus tracestate/b3 when set)."""
     line = f"traceparent: 00-{trace_id}-{span_id}-{'01' if sampled else '00'}\r\n"
@@ -425,10 +430,16 @@ class Tracer:
             return True
         return int(trace_id[16:], 16) < self._bound  # TraceIdRatioBased: consistent across proxies
 
-    def hop(self, parent: TraceContext | None) -> TraceContext | bytes:
+    def hop(self, parent: TraceContext | None, passthrough: bool = True) -> TraceContext | bytes:
         """The cheap entry of a hop that keeps no access log: a sampled hop gets `root(parent)` (record
-        spans under it); an unsampled one gets only the header lines to pass on (the same trace, or a new
-        one, under a fresh span id) and nothing else is allocated.
+        spans under it); an unsampled one gets only the header lines to pass on and nothing else is
+        allocated: `PASS` (b"", forward the caller's trace headers unchanged) when the caller sent a
+        trace, else a new (unsampled) trace's traceparent.
+
+        An unsampled caller's context goes on as it came: this hop records no span, so a span id of its
+        own would name nothing (W3C trace-context makes updating parent-id a MAY), and leaving the
+        headers alone costs nothing. `passthrough=False` (the caller's headers are not fit to forward
+        as they are, e.g. an invalid traceparent beside valid B3) re-issues them under a fresh span id.
 
         A new trace's id is one `getrandbits(128)` whose low 64 bits are the ratio decision, so the id
         is formatted only when the trace is recorded or a header is built.
@@ -443,14 +454,18 @@ class Tracer:
             return header_lines(f"{r:032x}", f"{_bits(64) or 1:016x}", False, "", parent.b3)
         if parent.sampled:
             return parent
-        if not parent.tracestate and not parent.b3:
-            return b"traceparent: 00-%s-%016x-00\r\n" % (parent.trace_id.encode(), _bits(64) or 1)
+        if passthrough:
+            return PASS
         return header_lines(parent.trace_id, f"{_bits(64) or 1:016x}", False, parent.tracestate, parent.b3)
 
-    def hop_from(self, headers: Mapping[str, str]) -> TraceContext | bytes:
-        """`hop(TraceContext.from_headers(headers))` for lower-cased headers, short in the common
-        cases: no trace headers at all, or an unsampled version-00 `traceparent` alone (what an
-        upstream Lictor proxy sends), whose trace id is passed on without building a context."""
+    def hop_from(self, headers: Mapping[str, str] | Iterable[tuple[Any, Any]]) -> TraceContext | bytes:
+        """`hop(TraceContext.from_headers(headers))`, short in the common cases: no trace headers at
+        all, or a version-00 `traceparent` alone (what an upstream Lictor proxy sends): an unsampled one
+        is `PASS` without building a context.
+
+        `headers`: lower-cased names (repeated values comma-joined), or raw (name, value) pairs."""
+        if type(headers) is not dict and not isinstance(headers, Mapping):
+            headers = _trace_headers_of(headers)
         tp = headers.get("traceparent")
         if tp is None:
             if "b3" not in headers and "x-b3-traceid" not in headers and "x-b3-sampled" not in headers \
@@ -464,10 +479,13 @@ class Tracer:
             if m is not None and m[1] != _ZERO_TRACE and m[2] != _ZERO_SPAN:
                 flags = m[3]
                 if flags == "00":
-                    return b"traceparent: 00-%s-%016x-00\r\n" % (m[1].encode(), _bits(64) or 1)
+                    return PASS  # an unsampled caller: its traceparent goes on unchanged
                 if flags == "01":  # a sampled caller: hop() returns its context as is
                     return TraceContext(m[1], m[2], True)
-        return self.hop(TraceContext.from_headers(headers))
+        # An invalid traceparent beside a valid B3 context: not forwarded as it came (the next hop would
+        # read the traceparent first and start a new trace), the B3 context is re-issued with a new one.
+        return self.hop(TraceContext.from_headers(headers),
+                        passthrough=tp is None or parse_traceparent(tp) is not None)
 
     def root(self, parent: TraceContext | None) -> TraceContext:
         """The context a hop continues: `parent` when it carries a trace, else a new trace (span id "")

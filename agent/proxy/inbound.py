@@ -352,10 +352,10 @@ class InboundHTTPConn(InboundConn):
         if tracer is not None and obs.access_log is None:
             if hop is None:
                 hop = tracer.hop_from(headers)
-            if isinstance(hop, bytes):  # unsampled, unlogged: only the header lines, no record
+            if isinstance(hop, bytes):  # unsampled, unlogged: only the header lines (PASS: as is), no record
                 if allowed:
                     self._expect(None, method)
-                    return hop
+                    return hop or None
                 return None
             ctx = hop  # sampled: the span below continues it (root() returns a sampled context as is)
         else:
@@ -463,7 +463,7 @@ class InboundHTTPConn(InboundConn):
                 # The common observed request, inline: unsampled and unlogged means only a header.
                 hop = tracer.hop_from(headers)
                 if isinstance(hop, bytes):
-                    trace = hop
+                    trace = hop or None  # PASS (an unsampled caller): its trace headers go on as they came
                     self._cur = None
                     if self._watching:  # else: parsing is paused and this response needs none
                         if self._inflight:

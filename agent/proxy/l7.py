@@ -458,11 +458,13 @@ class L7Router:
         d = decide(table.chain, head, self.rng.random() * 100.0)
         lb = d.resolver.load_balancer
         key, set_cookie = hash_key(lb.hash_policies, head, self.rng) if lb.hash_policies else (None, None)
-        # Tracing: `trace` is the header block every attempt sends (unsampled: the app's context under a
-        # fresh span id); a sampled request starts a span per attempt instead (`rec.attempt`).
+        # Tracing: `trace` is the header block every attempt sends (unsampled: a new trace's traceparent,
+        # or PASS: the app's own trace headers go on as they came); a sampled request starts a span per
+        # attempt instead (`rec.attempt`).
         rec: _OutReq | None = None
         trace = b""
         tracer = obs.tracer if obs is not None else None
+        replace_trace = tracer is not None  # the app's trace headers are dropped (ours go instead)
         if obs is not None:
             span_id = None
             ctx: TraceContext | None
@@ -470,6 +472,7 @@ class L7Router:
                 hop = tracer.hop_from(hdrs)  # unsampled: only the header lines, nothing else
                 if isinstance(hop, bytes):
                     trace, ctx = hop, None
+                    replace_trace = bool(hop)  # PASS (b""): the unsampled app's context goes on as is
                 else:
                     ctx = hop
             else:
@@ -481,7 +484,7 @@ class L7Router:
                         trace = header_lines(ctx.trace_id, span_id, False, ctx.tracestate, ctx.b3)
             if (ctx is not None and ctx.sampled and tracer is not None) or obs.access_log is not None:
                 rec = down.rec = _OutReq(tracer, ctx, span_id, req, path, dest, d)
-        skip = _HOP_BY_HOP if tracer is None else _HOP_BY_HOP_AND_TRACE
+        skip = _HOP_BY_HOP_AND_TRACE if replace_trace else _HOP_BY_HOP
         out_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers
                        if k.decode("latin-1").lower() not in skip]
         out_headers = apply_header_mods(out_headers, d.request_headers)

@@ -214,13 +214,22 @@ async def test_without_access_log_sampled_and_unsampled_pair_on_one_connection(e
     out = await env.request(raw, responses=5, no_body=(1,))
     assert [r.split(b" ")[1] for r in out] == [b"200", b"200", b"418", b"200", b"200"]
     quiet = out[0].split(b"|")[1].decode()
-    assert quiet.startswith(f"00-{TID}-") and quiet.endswith("-00") and SID not in quiet
+    assert quiet == f"00-{TID}-{SID}-00"  # nothing recorded: the caller's traceparent goes on unchanged
     by_path = {s.attrs["url.path"]: s for s in env.exporter.spans}
     assert set(by_path) == {"/teapot", "/loud"}  # the unsampled ones recorded nothing
     assert by_path["/teapot"].attrs["http.response.status_code"] == 418
     assert by_path["/loud"].attrs["http.response.status_code"] == 200
     assert out[4].split(b"|")[1].decode() == f"00-{TID}-{by_path['/loud'].span_id}-01"
     assert env.observer.access_log is None
+
+
+async def test_without_access_log_unsampled_caller_with_tracestate_goes_on_unchanged(env_traced_only: Env) -> None:
+    """The slower parse (tracestate beside the traceparent) passes an unsampled caller on as it came too."""
+    env = env_traced_only
+    (resp,) = await env.request(f"GET /q HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{TID}-{SID}-00\r\n"
+                                f"tracestate: k=v\r\n\r\n".encode())
+    assert b" 200 " in resp and resp.split(b"|")[1].decode() == f"00-{TID}-{SID}-00"
+    assert env.exporter.spans == []
 
 
 class _FakeConn:

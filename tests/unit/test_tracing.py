@@ -13,6 +13,7 @@ import pytest
 from lictor.accesslog import AccessLog, format_timestamp
 from lictor.tracing import (
     CLIENT,
+    PASS,
     SERVER,
     BatchWorker,
     MemoryExporter,
@@ -205,12 +206,11 @@ def test_hop_continues_a_callers_context() -> None:
     tracer = Tracer("gw", None, 0.0)  # the caller's flag wins over the ratio either way
     sampled = TraceContext(TID, SID, True, "k=v")
     assert tracer.hop(sampled) is sampled
-    raw = tracer.hop(TraceContext(TID, SID, False))
-    assert isinstance(raw, bytes)
-    h = _header(raw)
-    assert list(h) == ["traceparent"] and h["traceparent"].startswith(f"00-{TID}-")
-    assert h["traceparent"].endswith("-00") and SID not in h["traceparent"]
-    raw = tracer.hop(TraceContext(TID, SID, False, "k=v", b3="multi"))
+    # unsampled: nothing is recorded, so the caller's headers go on unchanged (no span id of our own)
+    assert tracer.hop(TraceContext(TID, SID, False)) == PASS == b""
+    assert tracer.hop(TraceContext(TID, SID, False, "k=v", b3="multi")) == PASS
+    # headers not fit to forward as they came: re-issued under a fresh span id, the same trace
+    raw = tracer.hop(TraceContext(TID, SID, False, "k=v", b3="multi"), passthrough=False)
     assert isinstance(raw, bytes)
     h = _header(raw)
     assert h["tracestate"] == "k=v" and h["x-b3-traceid"] == TID and h["x-b3-sampled"] == "0"
@@ -229,20 +229,26 @@ def test_hop_honours_a_bare_b3_decision() -> None:
 
 def test_hop_from_headers_matches_hop_of_the_parsed_context() -> None:
     tracer = Tracer("gw", None, 0.0)
-    h = _header(tracer.hop_from({"traceparent": f"00-{TID}-{SID}-00", "host": "x"}))  # type: ignore[arg-type]
-    assert list(h) == ["traceparent"] and h["traceparent"].startswith(f"00-{TID}-") and SID not in h["traceparent"]
+    assert tracer.hop_from({"traceparent": f"00-{TID}-{SID}-00", "host": "x"}) == PASS  # forwarded unchanged
     assert tracer.hop_from({"traceparent": f"00-{TID}-{SID}-01"}) == TraceContext(TID, SID, True)
     assert tracer.hop_from({"traceparent": f"00-{TID}-{SID}-03"}) == TraceContext(TID, SID, True)  # other flag bits
     assert tracer.hop_from({"traceparent": f"00-{TID}-{SID}-01", "tracestate": "k=v"}) == TraceContext(
         TID, SID, True, "k=v")
     assert tracer.hop_from({"traceparent": f"00-{TID}-{'0' * 16}-01"}) != TraceContext(TID, "0" * 16, True)
-    h = _header(tracer.hop_from({"traceparent": f"00-{TID}-{SID}-00", "tracestate": "k=v"}))  # type: ignore[arg-type]
-    assert h["tracestate"] == "k=v" and h["traceparent"].startswith(f"00-{TID}-")
+    assert tracer.hop_from({"traceparent": f"00-{TID}-{SID}-00", "tracestate": "k=v"}) == PASS
+    assert tracer.hop_from({"traceparent": f"00-{TID}-{SID}-00", "b3": f"{TID}-{SID}-0"}) == PASS
+    assert tracer.hop_from({"b3": f"{TID}-{SID}-0"}) == PASS  # B3 alone: also as it came
     h = _header(tracer.hop_from({"traceparent": f"00-{'0' * 32}-{SID}-00"}))  # type: ignore[arg-type]
     assert TID not in h["traceparent"] and "0" * 32 not in h["traceparent"]  # invalid: a new trace
+    # an invalid traceparent beside valid B3: the B3 context is re-issued, with a valid traceparent
+    h = _header(tracer.hop_from({"traceparent": "junk", "b3": f"{TID}-{SID}-0"}))  # type: ignore[arg-type]
+    assert h["traceparent"].startswith(f"00-{TID}-") and h["traceparent"].endswith("-00") and SID not in h["b3"]
     h = _header(tracer.hop_from({"x-b3-sampled": "0"}))  # type: ignore[arg-type]
     assert h["x-b3-sampled"] == "0" and h["traceparent"].endswith("-00")
     assert isinstance(Tracer("gw", None, 1.0).hop_from({}), TraceContext)
+    # raw (name, value) pairs, as the gateway has them for an unrouted request
+    assert tracer.hop_from([(b"Traceparent", f"00-{TID}-{SID}-00".encode()), (b"Host", b"x")]) == PASS
+    assert tracer.hop_from([(b"traceparent", f"00-{TID}-{SID}-01".encode())]) == TraceContext(TID, SID, True)
 
 
 def test_inject_replaces_existing_trace_headers() -> None:
