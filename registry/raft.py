@@ -122,6 +122,9 @@ class RaftSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+WAKE_PER_ITERATION = 2  # blocking queries woken per event-loop iteration (see ChangeFeed._release)
+
+
 class ChangeFeed:
     """Wakes blocking queries on the event loop when the state machine applies something.
 
@@ -167,9 +170,25 @@ class ChangeFeed:
             self._pending = False
         self.generation += 1
         waiters, self._waiters = self._waiters, []
-        for fut in waiters:
+        self._release(waiters)
+
+    def _release(self, waiters: list[asyncio.Future[None]]) -> None:
+        """Wake WAKE_PER_ITERATION waiters now and the rest on later loop iterations. A woken
+        watcher answers in one go (~0.2 ms for a 100-instance health body), so waking a dozen at
+        once held every other request on this loop for the whole burst; paced, the loop polls for
+        I/O between them."""
+        for fut in waiters[:WAKE_PER_ITERATION]:
             if not fut.done():
                 fut.set_result(None)
+        rest = waiters[WAKE_PER_ITERATION:]
+        if rest:
+            loop = self.loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon(self._release, rest)
+            else:
+                for fut in rest:
+                    if not fut.done():
+                        fut.set_result(None)
 
     def close(self) -> None:
         self.closed = True

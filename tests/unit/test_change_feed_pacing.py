@@ -1,0 +1,52 @@
+"""ChangeFeed wakes blocking queries a few per event-loop iteration, in arrival order, and all of them
+(no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from lictor.registry import raft
+from lictor.registry.raft import ChangeFeed
+
+
+def test_waiters_are_woken_a_few_per_iteration_in_order_and_all_of_them() -> None:
+    async def scenario() -> tuple[list[tuple[int, int]], int]:
+        feed = ChangeFeed()
+        feed.bind(asyncio.get_running_loop())
+        iteration = 0
+        woken: list[tuple[int, int]] = []  # (waiter, loop iteration it resumed in)
+
+        async def waiter(n: int) -> None:
+            await feed.wait(feed.generation, 5.0)
+            woken.append((n, iteration))
+
+        tasks = [asyncio.create_task(waiter(n)) for n in range(7)]
+        await asyncio.sleep(0)  # every waiter is parked
+        feed.notify()
+        for _ in range(20):  # count loop iterations while they wake
+            await asyncio.sleep(0)
+            iteration += 1
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return woken, feed.generation
+
+    woken, generation = asyncio.run(scenario())
+    assert generation == 1
+    assert [n for n, _ in woken] == list(range(7))
+    per_iteration: dict[int, int] = {}
+    for _, it in woken:
+        per_iteration[it] = per_iteration.get(it, 0) + 1
+    assert max(per_iteration.values()) <= raft.WAKE_PER_ITERATION
+    assert len(per_iteration) >= 7 // raft.WAKE_PER_ITERATION
+
+
+def test_close_still_releases_every_waiter() -> None:
+    async def scenario() -> int:
+        feed = ChangeFeed()
+        feed.bind(asyncio.get_running_loop())
+        tasks = [asyncio.create_task(feed.wait(0, 30.0)) for _ in range(9)]
+        await asyncio.sleep(0)
+        feed.close()
+        done, _ = await asyncio.wait(tasks, timeout=5)
+        return len(done)
+
+    assert asyncio.run(scenario()) == 9
