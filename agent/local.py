@@ -183,32 +183,22 @@ class RemoteBackend(ServerBackend):
         return resp.json() if resp.status_code == 200 else []
 
 
-class _Deferred(Iterable[int]):
-    """An iterable computed when first iterated."""
+class _Deferred(Mapping[Any, int]):
+    """A mapping computed when first read (iterating it gives its keys, as for any mapping)."""
 
-    def __init__(self, make: Callable[[], Iterable[int]]) -> None:
+    def __init__(self, make: Callable[[], dict[Any, int]]) -> None:
         self.make = make
+        self._value: dict[Any, int] | None = None
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.make())
-
-
-class _DeferredMap(Mapping[str, int]):
-    """A mapping computed when first read."""
-
-    def __init__(self, make: Callable[[], dict[str, int]]) -> None:
-        self.make = make
-        self._value: dict[str, int] | None = None
-
-    def _get(self) -> dict[str, int]:
+    def _get(self) -> dict[Any, int]:
         if self._value is None:
             self._value = self.make()
         return self._value
 
-    def __getitem__(self, key: str) -> int:
+    def __getitem__(self, key: Any) -> int:
         return self._get()[key]
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[Any]:
         return iter(self._get())
 
     def __len__(self) -> int:
@@ -825,9 +815,9 @@ class AgentAPI:
             replace = parse_bool(request.query_params["replace-existing-checks"], "replace-existing-checks")
         # Sidecar ports are looked up (O(services), and a bind probe) only if the body asks for a sidecar.
         agent = self.agent
-        used = _Deferred(agent._used_ports)
-        existing = _DeferredMap(lambda: {sid: s.get("Port", 0) for sid, s in agent.services.items()
-                                         if s.get("Kind") == "connect-proxy"})
+        used = _Deferred(lambda: dict.fromkeys(agent._used_ports(), 0))  # iterated: the ports taken
+        existing = _Deferred(lambda: {sid: s.get("Port", 0) for sid, s in agent.services.items()
+                                      if s.get("Kind") == "connect-proxy"})
         reg = decode_service_registration(await read_body(request), used, existing_ports=existing)
         for warning in reg.warnings:
             log.warning("service %s: %s", reg.service_id, warning)

@@ -338,7 +338,10 @@ def config_list(store: StateStore, kind: str) -> tuple[Index, list[dict]]:
 def catalog_snapshot_index(store: StateStore) -> Index:
     """catalog_snapshot's index without building it."""
     with store.lock:
-        return _table(store, "nodes", "services", "checks", "config")
+        return _table(store, *_SNAPSHOT_TABLES)
+
+
+_SNAPSHOT_TABLES = ("nodes", "services", "checks", "config")
 
 
 def catalog_snapshot(store: StateStore) -> tuple[Index, dict[str, Any]]:
@@ -352,7 +355,7 @@ def catalog_snapshot(store: StateStore) -> tuple[Index, dict[str, Any]]:
                 gateways = ingress.setdefault(exposed.get("Name", ""), [])
                 if gateway not in gateways:
                     gateways.append(gateway)
-    return _table(store, "nodes", "services", "checks", "config"), {  # catalog_snapshot_index
+    return _table(store, *_SNAPSHOT_TABLES), {
         "Nodes": [store.nodes[n] for n in sorted(store.nodes)],
         "Services": services,
         "Checks": checks,
@@ -379,5 +382,5 @@ _INDEX_OF: dict[Callable[..., Any], Callable[..., Index | None]] = {
     health_state: lambda store, state: _table(store, "checks", "nodes"),
     health_node: _node_index,
     kv_get: _kv_key_index,
-    catalog_snapshot: lambda store: _table(store, "nodes", "services", "checks", "config"),
+    catalog_snapshot: catalog_snapshot_index,
 }
