@@ -456,6 +456,9 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
             timeline.setdefault(int(t // 5) * 5, []).append(lat)
         out["read_p99_ms_by"] = {k: (len(v), pct(v, 99) * 1e3) for k, v in sorted(by.items())}
         out["read_p99_ms_per_5s"] = {t: (len(v), pct(v, 99) * 1e3) for t, v in sorted(timeline.items())}
+        # every loaded read, for finding out whether the slow ones cluster in time or spread evenly
+        out["raw_reads"] = [(round(t, 4), round(lat * 1e3, 3), *kind)
+                            for (t, lat), kind in zip(state.reads, state.read_kinds, strict=True)]
         out["loaded"] = {
             "reads": len(reads), "read_p50_ms": pct(reads, 50) * 1e3, "read_p99_ms": pct(reads, 99) * 1e3,
             "read_p99_ms_outside_faults": pct(calm, 99) * 1e3, "reads_outside_faults": len(calm),
