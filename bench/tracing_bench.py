@@ -39,6 +39,18 @@ exactly the same box, at the price of sharing 2 vCPUs among them all.
 
     python bench/tracing_bench.py [--runs 3] [--duration 10] [--connections 50] [--slice 2]
                                    [--together] [--target gateway|sidecar|both] [--all] [--variant NAME]
+                                   [--callgrind REQUESTS [--callgrind-out DIR]]
+
+`--callgrind N`: a deterministic count instead of wall-clock CPU (this VM has no hardware counters).
+Every proxy runs under `valgrind --tool=callgrind --instr-atstart=no`; per pass and variant in turn:
+instrumentation on, a warm-up, counters zeroed, exactly N requests from `--connections` keep-alive
+connections (a small client in this script, not wrk), 2 s for the exporter's next batch, a dump,
+instrumentation off. The figure is instructions (Ir, all threads: the exporter's included) per
+request, and per pass its ratio to "off"; the A/A variants show what is left of the noise (the
+sampled share is a random draw, ~±7 % of 10 % of N=2,000 requests). Under valgrind a proxy runs
+~50x slower, so the exporter's once-a-second batches are smaller than natively and its per-POST
+cost weighs more per span: if anything this overstates tracing. `--callgrind-out DIR` keeps the
+dumps (`callgrind_annotate DIR/<variant>.<pid>.<pass>`).
 
 Installs wrk and nginx with apt-get when missing.
 """
@@ -50,11 +62,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,7 +79,8 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway_bench import ensure_tools, nginx_bin, start_nginx, wait_port, write, wrk  # noqa: E402
-from procs import AgentProc, free_ports, wait_until  # noqa: E402
+from procs import AgentProc, wait_until  # noqa: E402
+from procs import free_ports as _free_ports  # noqa: E402
 
 HOST = "web.ingress.consul"
 SINK = "http://127.0.0.1:{sink}"
@@ -77,6 +92,18 @@ AA = "off, 2nd process"  # the same as "off": its difference from "off" is this 
 # A second headline process: with two processes on each side the cost is also given as the ratio of
 # the pairs' means, which halves what one process's own speed (its "personality") adds to the noise.
 HEADLINE_2 = f"{HEADLINE}, 2nd process"
+# --callgrind: a proxy's control plane (blocking queries) must not run inside a measured window; its
+# watches return every `wait` even with nothing new, and under valgrind one of those costs as much as
+# thousands of requests. So there every watch waits 360 s (the gateway's read timeout is 400 s).
+QUIET_CONTROL_PLANE = """
+import functools, runpy, sys
+from lictor.agent.proxy import watch
+from lictor.gateway import cli
+watch.WAIT = 360.0
+cli.GatewayConfig = functools.partial(cli.GatewayConfig, blocking_wait="360s")
+module = sys.argv.pop(1)
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
 VARIANTS: dict[str, tuple[list[str], bool]] = {
     "off": ([], False),
     AA: ([], False),
@@ -90,6 +117,19 @@ EXTRA_VARIANTS: dict[str, tuple[list[str], bool]] = {  # --all, or by name with 
     "tracing 0.1 + metrics + access log": (["-otlp-endpoint", SINK, "-trace-sample-ratio", "0.1",
                                             "-access-log", "{root}/access-tenth.jsonl"], True),
 }
+
+
+_TAKEN: set[int] = set()
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` free ports, none handed out before in this run: proxies bind theirs late (under valgrind
+    tens of seconds after their ports were picked), and the kernel would hand a free one out again."""
+    ports: list[int] = []
+    while len(ports) < count:
+        ports += [p for p in _free_ports(count - len(ports)) if p not in _TAKEN and p not in ports]
+    _TAKEN.update(ports)
+    return ports
 
 
 def start_sink(root: Path, port: int) -> subprocess.Popen:
@@ -155,6 +195,109 @@ def summarize(slices: list[dict[str, float]]) -> dict[str, float]:
             "non2xx": sum(r["non2xx"] for r in slices)}
 
 
+def fixed_load(port: int, host: str | None, requests: int, connections: int) -> None:
+    """Exactly `requests` GETs over `connections` keep-alive connections, each one request at a time."""
+    req = f"GET / HTTP/1.1\r\nHost: {host or f'127.0.0.1:{port}'}\r\n\r\n".encode()
+    counts = [requests // connections + (1 if i < requests % connections else 0) for i in range(connections)]
+
+    def one(n: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=300) as s:
+            buf = b""
+            for _ in range(n):
+                s.sendall(req)
+                while True:
+                    end = buf.find(b"\r\n\r\n")
+                    if end >= 0:
+                        m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", buf[:end])
+                        assert m is not None and buf.startswith(b"HTTP/1.1 200"), buf[:300]
+                        need = end + 4 + int(m.group(1))
+                        if len(buf) >= need:
+                            buf = buf[need:]
+                            break
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        raise ConnectionError(f"127.0.0.1:{port} closed the connection")
+                    buf += chunk
+
+    with ThreadPoolExecutor(connections) as pool:
+        list(pool.map(one, [c for c in counts if c]))
+
+
+def callgrind_control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=120)
+
+
+def callgrind_dump(root: Path, pid: int) -> tuple[int, int, list[Path]]:
+    """Dump `pid`'s counters (callgrind then zeroes them): (Ir of all threads, Ir of the main thread, files).
+
+    Threads are dumped apart (`--separate-threads=yes`): thread 1 is the event loop, the others the
+    exporter (and any worker) threads."""
+    before = set(root.glob(f"cg.{pid}.out.*"))
+    callgrind_control(pid, "-d")
+    files = sorted(set(root.glob(f"cg.{pid}.out.*")) - before)
+    total = main = 0
+    for f in files:
+        m = re.search(r"^(?:totals|summary): (\d+)", f.read_text(errors="replace"), re.M)
+        assert m is not None, f
+        total += int(m.group(1))
+        if f.name.endswith("-01"):
+            main += int(m.group(1))
+    return total, main, files
+
+
+def callgrind_run(args: argparse.Namespace, root: Path, names: list[str],
+                  targets: dict[str, tuple[str, str | None]], pids: dict[str, int | list[int]],
+                  spans: Callable[[str], str]) -> None:
+    """Ir per request for every variant, `args.runs` passes in a rotating order (see the module doc)."""
+    out_dir = Path(args.callgrind_out) if args.callgrind_out else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ir: dict[str, list[float]] = {n: [] for n in names}
+    other: dict[str, list[float]] = {n: [] for n in names}  # Ir/request outside the event loop's thread
+    for run in range(args.runs):
+        shift = run % len(names)
+        for variant in names[shift:] + names[:shift]:
+            group = pids[variant] if isinstance(pids[variant], list) else [pids[variant]]
+            url, host = targets[variant]
+            port = int(url.rstrip("/").rsplit(":", 1)[1])
+            for pid in group:
+                callgrind_control(pid, "-i", "on")
+            fixed_load(port, host, args.callgrind_warmup, args.connections)
+            time.sleep(2.0)  # the warm-up's spans go out before counting starts
+            for pid in group:
+                callgrind_control(pid, "-z")
+            t0 = time.monotonic()
+            fixed_load(port, host, args.callgrind, args.connections)
+            took = time.monotonic() - t0
+            time.sleep(2.0)  # the exporter's next batch (once a second) is counted
+            total = loop_ir = 0
+            for pid in group:
+                n, main, dumps = callgrind_dump(root, pid)
+                total += n
+                loop_ir += main
+                callgrind_control(pid, "-i", "off")
+                for dump in dumps if out_dir is not None else ():
+                    thread = dump.name.rsplit("-", 1)[1]
+                    shutil.copy(dump, out_dir / f"{re.sub(r'[^a-z0-9]+', '-', variant)}.{pid}.{run + 1}-{thread}")
+            ir[variant].append(total / args.callgrind)
+            other[variant].append((total - loop_ir) / args.callgrind)
+            print(f"# pass {run + 1} {variant}: {total / args.callgrind:,.0f} Ir/request, of which other threads "
+                  f"{(total - loop_ir) / args.callgrind:,.0f} ({args.callgrind} requests in {took:.0f} s)", flush=True)
+    print(f"\n## callgrind: instructions per request, {args.callgrind} requests per variant per pass over "
+          f"{args.connections} connections, {args.runs} passes\n")
+    print("| variant | Ir/request (median of passes) | min | per pass | vs off (median of same-pass ratios) | "
+          "vs off (min vs min) | of which other threads (median) | spans exported / dropped |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant in names:
+        off = "sidecar pair off" if variant.startswith("sidecar pair") else "off"
+        cost = statistics.median(v / b - 1 for v, b in zip(ir[variant], ir[off], strict=True))
+        low = min(ir[variant]) / min(ir[off]) - 1
+        print(f"| {variant} | {statistics.median(ir[variant]):,.0f} | {min(ir[variant]):,.0f} | "
+              f"{' / '.join(f'{v:,.0f}' for v in ir[variant])} | {'—' if variant == off else f'{cost:+.1%}'} | "
+              f"{'—' if variant == off else f'{low:+.1%}'} | {statistics.median(other[variant]):,.0f} | "
+              f"{spans(variant)} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -168,6 +311,10 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[],
                     help="run only these variants (repeatable; 'off' is always run): "
                          + "; ".join(n for n in {**VARIANTS, **EXTRA_VARIANTS} if n != "off"))
+    ap.add_argument("--callgrind", type=int, default=0, metavar="REQUESTS",
+                    help="count instructions per request under valgrind (this many requests per variant per pass)")
+    ap.add_argument("--callgrind-warmup", type=int, default=200)
+    ap.add_argument("--callgrind-out", default="", help="keep the callgrind dumps in this directory")
     args = ap.parse_args()
     variants = {**VARIANTS, **(EXTRA_VARIANTS if args.all else {})}
     if args.variant:
@@ -179,6 +326,11 @@ def main() -> int:
     ensure_tools()
     root = Path(tempfile.mkdtemp(prefix="lictor-trace-bench-"))
     os.chmod(root, 0o700)
+    # --callgrind: every proxy under callgrind, instrumentation off until its variant is measured
+    wrap = (["valgrind", "--tool=callgrind", "--instr-atstart=no", "-q", "--separate-threads=yes",
+             f"--callgrind-out-file={root}/cg.%p.out"]
+            if args.callgrind else [])
+    python = [sys.executable, "-c", QUIET_CONTROL_PLANE] if args.callgrind else [sys.executable, "-m"]
     agent_port, up_port, sink_port = free_ports(3)
     agent = AgentProc("dev", agent_port, ["-dev", "-node", "dev", "-http-port", str(agent_port), "-dns-port", "-1"],
                       root / "agent.log")
@@ -218,7 +370,7 @@ def main() -> int:
                 flags += ["-metrics-port", str(metrics_port)]
             log = open(root / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "lictor.gateway", "-service", name, "-http-addr", agent.http_addr,
+                [*wrap, *python, "lictor.gateway", "-service", name, "-http-addr", agent.http_addr,
                  "-log-level", "warning", *flags],
                 stdout=log, stderr=subprocess.STDOUT, env=PROXY_ENV))
             metrics_ports[variant] = [metrics_port] if with_metrics else []
@@ -242,7 +394,7 @@ def main() -> int:
             for j, sid in enumerate((api, web)):
                 log = open(root / f"sidecar-{sid}.log", "wb")  # noqa: SIM115 - the child owns it
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "lictor.agent.proxy", "-sidecar-for", sid, "-http-addr", agent.http_addr,
+                    [*wrap, *python, "lictor.agent.proxy", "-sidecar-for", sid, "-http-addr", agent.http_addr,
                      "-log-level", "warning", *[f.replace("SID", sid) for f in flags],
                      *(["-metrics-port", str(pair_metrics[j])] if with_metrics else [])],
                     stdout=log, stderr=subprocess.STDOUT, env=PROXY_ENV))
@@ -253,8 +405,18 @@ def main() -> int:
             targets[name] = (f"http://127.0.0.1:{up_local}/", None)
         for variant, (url, host) in targets.items():
             wait_until(lambda u=url, h=host: httpx.get(u, headers={"host": h} if h else {}, timeout=2)
-                       .status_code == 200, 60, 0.3, variant)
+                       .status_code == 200, 600 if args.callgrind else 60, 0.3, variant)
             wrk(url, args.connections, 1, host)  # warm-up: pools, TLS sessions
+
+        def spans(variant: str) -> str:
+            ports = metrics_ports[variant]
+            m = ({} if not ports else sidecar_stats(ports) if variant.startswith("sidecar pair") else scrape(ports[0]))
+            return (f"{m.get('lictor_gateway_spans_exported_total', 0):,.0f} / "
+                    f"{m.get('lictor_gateway_spans_dropped_total', 0):,.0f}") if m else "-"
+
+        if args.callgrind:
+            callgrind_run(args, root, list(targets), targets, pids, spans)
+            return 0
 
         # Interleaved: every pass is `duration / slice` rounds, and every round loads each variant for
         # `slice` seconds, in a rotating order. Other tenants' load changes over seconds to minutes, so
@@ -325,8 +487,7 @@ def main() -> int:
             rps_cost = statistics.median(p["rps"] / b["rps"] - 1 for p, b in zip(passes, base, strict=True))
             ports = metrics_ports[variant]
             m = ({} if not ports else sidecar_stats(ports) if variant.startswith("sidecar pair") else scrape(ports[0]))
-            spans = (f"{m.get('lictor_gateway_spans_exported_total', 0):,.0f} / "
-                     f"{m.get('lictor_gateway_spans_dropped_total', 0):,.0f}") if m else "-"
+            exported = spans(variant)
             lines = (f"{m.get('lictor_gateway_access_log_lines_total', 0):,.0f} / "
                      f"{m.get('lictor_gateway_access_log_dropped_total', 0):,.0f}") if m else "-"
             if variant.endswith(AA):
@@ -338,7 +499,7 @@ def main() -> int:
             per_pass = " / ".join(f"{p['cpu_us']:.0f}" for p in passes)
             print(f"| {variant} | {cpu:,.1f} | {per_pass} | {cost:+.1%} | {rps:,.0f} | {rps_cost:+.1%} | "
                   f"{statistics.median(p['p50'] for p in passes):.2f} | "
-                  f"{statistics.median(p['p99'] for p in passes):.2f} | {spans} | {lines} |")
+                  f"{statistics.median(p['p99'] for p in passes):.2f} | {exported} | {lines} |")
         for prefix in ("", "sidecar pair "):  # two processes a side: the mean of each pair, per pass
             group = [prefix + v for v in ("off", AA, HEADLINE, HEADLINE_2)]
             if not all(v in slices for v in group):
