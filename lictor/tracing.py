@@ -71,24 +71,30 @@ _TRACE_HEADERS_B = TRACE_HEADERS_BYTES
 
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
+_ZERO_TRACE_B, _ZERO_SPAN_B = _ZERO_TRACE.encode(), _ZERO_SPAN.encode()
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 _B3_ID = re.compile(r"[0-9a-fA-F]{16}|[0-9a-fA-F]{32}")
 # The common form (version 00) in one match instead of four: every hop parses its caller's header.
 _TP00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_MASK64 = (1 << 64) - 1
 
 _rng = random.Random()  # ids need uniqueness, not secrecy (the OTel SDKs do the same)
 _bits = _rng.getrandbits
+_random = _rng.random
+_randbytes = _rng.randbytes
+_UNSAMPLED_BATCH = 1024  # new unsampled traces' traceparent lines built at once (Tracer._refill)
+_UNSAMPLED_LINE = b"traceparent: 00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-00\r\n"  # the ids are filled in
 
 
 def new_trace_id() -> str:
-    return f"{_bits(128) or 1:032x}"
+    tid = _randbytes(16).hex()  # ~2x cheaper than formatting an int
+    return tid if tid != _ZERO_TRACE else new_trace_id()
 
 
 def new_span_id() -> str:
-    return f"{_bits(64) or 1:016x}"
+    sid = _randbytes(8).hex()
+    return sid if sid != _ZERO_SPAN else new_span_id()
 
 
 _SPAN_NAMES: dict[tuple[str, str], str] = {}  # (direction, service) -> span name
@@ -424,11 +430,53 @@ class Tracer:
         self.submit = exporter.submit if exporter is not None else None
         self.sample_ratio = min(max(sample_ratio, 0.0), 1.0)
         self._bound = int(self.sample_ratio * (1 << 64))  # compared with the trace id's low 64 bits
+        # A new trace's decision is one random() draw against this (0 when the bound is: never sampled);
+        # its id is then drawn among the ids that TraceIdRatioBased gives the same decision (see _refill).
+        self._draw = self.sample_ratio if self._bound > 0 else 0.0
+        self._limit = (1 << 64) - (1 << 64) % self._bound if self._bound > 0 else 0  # see _sampled_trace_id
+        self._unsampled: list[bytes] = []  # traceparent lines of new unsampled traces, built in batches
 
     def sample_new(self, trace_id: str) -> bool:
         if self.sample_ratio >= 1.0:
             return True
         return int(trace_id[16:], 16) < self._bound  # TraceIdRatioBased: consistent across proxies
+
+    def _sampled_trace_id(self) -> str:
+        """A new sampled trace's id: uniform among the ids whose low 64 bits are below the bound
+        (a 64-bit draw modulo the bound, the draws of the last partial interval rejected)."""
+        while True:
+            x = _bits(64)
+            if x < self._limit:
+                return "%032x" % ((_bits(64) << 64) | (x % self._bound) or 1)
+
+    def _refill(self) -> bytes:
+        """Build the next batch of new unsampled traces' header lines; returns one of them.
+
+        Most requests a proxy starts are new, unsampled traces: all they need is a traceparent line
+        with random ids and flags 00. Here a batch of lines is built from one `randbytes` with a few
+        dozen C-level slice copies (one per hex column), instead of two draws and a formatted header
+        per request. The ids are uniform among those that TraceIdRatioBased leaves unsampled (low 64
+        bits >= the bound; fixed-width lower-case hex compares like the number), so `sample_new()`
+        agrees with the decision, which was the caller's random() draw: together the same
+        distribution as one id whose low bits decide."""
+        lines = self._unsampled
+        n = _UNSAMPLED_BATCH
+        bound = f"{self._bound:016x}".encode() if 0 < self._bound < 1 << 64 else None  # None: no filter
+        while not lines:
+            ids = _rng.randbytes(24 * n).hex().encode()  # per line: 32 hex of trace id, 16 of span id
+            buf = bytearray(_UNSAMPLED_LINE * n)
+            size = len(_UNSAMPLED_LINE)
+            for col in range(32):
+                buf[16 + col::size] = ids[col::48]  # "traceparent: 00-" is 16 bytes
+            for col in range(16):
+                buf[49 + col::size] = ids[32 + col::48]
+            batch = bytes(buf).splitlines(keepends=True)
+            if bound is not None:
+                batch = [line for line in batch if line[32:48] >= bound]  # the ratio rule would sample the rest
+            if b"0" * 16 in ids:  # an all-zero id is invalid (one in 2**64): drop its line
+                batch = [line for line in batch if line[16:48] != _ZERO_TRACE_B and line[49:65] != _ZERO_SPAN_B]
+            lines.extend(batch)
+        return lines.pop()
 
     def hop(self, parent: TraceContext | None, passthrough: bool = True) -> TraceContext | bytes:
         """The cheap entry of a hop that keeps no access log: a sampled hop gets `root(parent)` (record
@@ -441,15 +489,19 @@ class Tracer:
         headers alone costs nothing. `passthrough=False` (the caller's headers are not fit to forward
         as they are, e.g. an invalid traceparent beside valid B3) re-issues them under a fresh span id.
 
-        A new trace's id is one `getrandbits(128)` whose low 64 bits are the ratio decision, so the id
-        is formatted only when the trace is recorded or a header is built.
+        A new trace's decision is one `random()` draw; an unsampled one's header line comes ready-made
+        from a batch (`_refill`), a sampled one's id is drawn to match the ratio rule.
         """
-        if parent is None or not parent.trace_id:
+        if parent is None:
+            if _random() >= self._draw:
+                lines = self._unsampled
+                return lines.pop() if lines else self._refill()
+            return TraceContext(self._sampled_trace_id(), "", True)
+        if not parent.trace_id:  # a bare B3 decision ("b3: 0" / "1"): a new trace, the caller's decision
             r = _bits(128) or 1
-            sampled = parent.sampled if parent is not None else (r & _MASK64) < self._bound
-            if sampled:
-                return TraceContext(f"{r:032x}", "", True, b3=parent.b3 if parent is not None else "")
-            if parent is None or not parent.b3:
+            if parent.sampled:
+                return TraceContext(f"{r:032x}", "", True, b3=parent.b3)
+            if not parent.b3:
                 return b"traceparent: 00-%032x-%016x-00\r\n" % (r, _bits(64) or 1)
             return header_lines(f"{r:032x}", f"{_bits(64) or 1:016x}", False, "", parent.b3)
         if parent.sampled:
@@ -470,10 +522,10 @@ class Tracer:
         if tp is None:
             if "b3" not in headers and "x-b3-traceid" not in headers and "x-b3-sampled" not in headers \
                     and "x-b3-flags" not in headers:
-                r = _bits(128) or 1  # hop(None), inline: this runs for most requests a proxy starts
-                if (r & _MASK64) < self._bound:
-                    return TraceContext(f"{r:032x}", "", True)
-                return b"traceparent: 00-%032x-%016x-00\r\n" % (r, _bits(64) or 1)
+                if _random() >= self._draw:  # hop(None), inline: this runs for most requests a proxy starts
+                    lines = self._unsampled
+                    return lines.pop() if lines else self._refill()
+                return TraceContext(self._sampled_trace_id(), "", True)
         elif "tracestate" not in headers and "b3" not in headers and "x-b3-traceid" not in headers:
             m = _TP00.fullmatch(tp)
             if m is not None and m[1] != _ZERO_TRACE and m[2] != _ZERO_SPAN:
@@ -611,25 +663,47 @@ def _span_text(trace_id: str, span_id: str, name: str, kind: int, start_ns: int,
     return out + (f',"status":{{"code":2,"message":{_q(error)}}}}}' if error else ',"status":{}}')
 
 
-_RECORD_ATTRS: dict[tuple[Any, ...], str] = {}  # (keys, values, status) -> the encoded attribute list
+# (keys, values, status) -> (the encoded attribute list, the span's status and closing brace when it has
+# no `error` of its own): most records of one proxy repeat these (service, route, target, status)
+_RECORD_ATTRS: dict[tuple[Any, ...], tuple[str, str]] = {}
+
+
+def _record_attrs(keys: tuple[str, ...], values: tuple[Any, ...], status: int | None) -> tuple[str, str]:
+    pairs = [_pair(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
+    if status is not None:
+        pairs.append(_pair(ATTR_STATUS, status))
+    error = _status_error(status, "")
+    hit = (",".join(pairs), f',"status":{{"code":2,"message":{_q(error)}}}}}' if error else ',"status":{}}')
+    if len(_RECORD_ATTRS) >= 4096:  # bounded: paths and client addresses vary
+        _RECORD_ATTRS.clear()
+    _RECORD_ATTRS[(keys, values, status)] = hit
+    return hit
+
+
+def _records_json(records: list[SpanRecord], out: list[str]) -> None:
+    """Append each record's `_span_json(span_of_record(r))` to `out`, without building Spans.
+
+    One loop over a batch with the caches in locals: this runs for every sampled span, in the
+    exporter's thread but on the proxy's CPU (and GIL)."""
+    cache, names, append = _RECORD_ATTRS, _NAMES, out.append
+    for (_tracer, name, kind, trace_id, span_id, parent_id, tracestate, start_ns, end_ns, keys, values, status, error,
+         events) in records:
+        hit = cache.get((keys, values, status)) or _record_attrs(keys, values, status)
+        end = f',"status":{{"code":2,"message":{_q(error)}}}}}' if error else hit[1]
+        if parent_id or tracestate or events:  # the rarer fields, in _span_text's order
+            end = (f',"parentSpanId":"{parent_id}"' if parent_id else "") + (
+                f',"traceState":{_q(tracestate)}' if tracestate else "") + (
+                ',"events":[' + ",".join(f'{{"timeUnixNano":"{t}","name":{_q(n)},"attributes":[{_attributes(a)}]}}'
+                                         for t, n, a in events) + "]" if events else "") + end
+        append(f'{{"traceId":"{trace_id}","spanId":"{span_id}","name":{names.get(name) or _name(name)},"kind":{kind},'
+               f'"startTimeUnixNano":"{start_ns}","endTimeUnixNano":"{end_ns}","attributes":[{hit[0]}]{end}')
 
 
 def _record_json(r: SpanRecord) -> str:
     """`_span_json` of `span_of_record(r)`, without building the Span."""
-    (tracer, name, kind, trace_id, span_id, parent_id, tracestate, start_ns, end_ns, keys, values, status, error,
-     events) = r
-    key = (keys, values, status)
-    attrs = _RECORD_ATTRS.get(key)
-    if attrs is None:
-        pairs = [_pair(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
-        if status is not None:
-            pairs.append(_pair(ATTR_STATUS, status))
-        attrs = ",".join(pairs)
-        if len(_RECORD_ATTRS) >= 4096:  # bounded: paths and client addresses vary
-            _RECORD_ATTRS.clear()
-        _RECORD_ATTRS[key] = attrs
-    return _span_text(trace_id, span_id, name, kind, start_ns, end_ns, attrs, parent_id, tracestate, events,
-                      _status_error(status, error))
+    out: list[str] = []
+    _records_json([r], out)
+    return out[0]
 
 
 def encode_otlp_json(spans: Iterable[Span | SpanRecord], scope_version: str = "") -> bytes:
@@ -637,23 +711,30 @@ def encode_otlp_json(spans: Iterable[Span | SpanRecord], scope_version: str = ""
 
     `spans`: Span objects and span records (`SpanRecord`), mixed."""
     by_service: dict[str, list[str]] = {}
+    run: list[SpanRecord] = []  # consecutive records of one tracer, encoded in one `_records_json` call
+    tracer: Any = None
     for s in spans:
         if type(s) is tuple:
-            svc = s[0].service if s[0] is not None else ""
-            by_service.setdefault(svc, []).append(_record_json(s))
+            if s[0] is not tracer and run:
+                _records_json(run, by_service.setdefault(tracer.service if tracer is not None else "", []))
+                run = []
+            tracer = s[0]
+            run.append(s)
             continue
+        if run:  # a Span after records: theirs first, so every service's spans stay in order
+            _records_json(run, by_service.setdefault(tracer.service if tracer is not None else "", []))
+            run, tracer = [], None
         svc = s.tracer.service if s.tracer is not None else ""
         by_service.setdefault(svc, []).append(_span_json(s))
+    if run:
+        _records_json(run, by_service.setdefault(tracer.service if tracer is not None else "", []))
     scope = f'{{"name":"lictor","version":{_q(scope_version)}}}'
     # One join over all the pieces: a batch is ~0.5 MB of text, and every nested f-string copied it.
     out = ['{"resourceSpans":[']
     for i, (svc, items) in enumerate(by_service.items()):
         resource = _attributes({"service.name": svc, "telemetry.sdk.name": "lictor"})
         out.append(f'{"," if i else ""}{{"resource":{{"attributes":[{resource}]}},"scopeSpans":[{{"scope":{scope},"spans":[')
-        for j, item in enumerate(items):
-            if j:
-                out.append(",")
-            out.append(item)
+        out.append(",".join(items))
         out.append("]}]}")
     out.append("]}")
     return "".join(out).encode()
