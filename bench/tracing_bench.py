@@ -47,7 +47,10 @@ instrumentation on, a warm-up, counters zeroed, exactly N requests from `--conne
 connections (a small client in this script, not wrk), 2 s for the exporter's next batch, a dump,
 instrumentation off. The figure is instructions (Ir, all threads: the exporter's included) per
 request, and per pass its ratio to "off"; the A/A variants show what is left of the noise (the
-sampled share is a random draw, ~±7 % of 10 % of N=2,000 requests). Under valgrind a proxy runs
+sampled share is a random draw, ~±7 % of 10 % of N=2,000 requests). Use `--connections 1`: with
+several connections the order of events on the loop (and so the code run per request) varies by a
+few % between identical processes; one at a time, two "off" processes agree within 0.1 %. While
+measured, every proxy's blocking queries wait 360 s (QUIET_CONTROL_PLANE). Under valgrind a proxy runs
 ~50x slower, so the exporter's once-a-second batches are smaller than natively and its per-POST
 cost weighs more per span: if anything this overstates tracing. `--callgrind-out DIR` keeps the
 dumps (`callgrind_annotate DIR/<variant>.<pid>.<pass>`).

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import http.client
 import logging
+import os
 import random
 import re
 import threading
@@ -81,10 +82,9 @@ _TP00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 _rng = random.Random()  # ids need uniqueness, not secrecy (the OTel SDKs do the same)
 _bits = _rng.getrandbits
-_random = _rng.random
 _randbytes = _rng.randbytes
-_UNSAMPLED_BATCH = 1024  # new unsampled traces' traceparent lines built at once (Tracer._refill)
-_UNSAMPLED_LINE = b"traceparent: 00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-00\r\n"  # the ids are filled in
+_NEW_BATCH = 1024  # new traces' traceparent lines built at once (Tracer._refill)
+_NEW_LINE = b"traceparent: 00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-00\r\n"  # the ids are filled in
 
 
 def new_trace_id() -> str:
@@ -430,53 +430,47 @@ class Tracer:
         self.submit = exporter.submit if exporter is not None else None
         self.sample_ratio = min(max(sample_ratio, 0.0), 1.0)
         self._bound = int(self.sample_ratio * (1 << 64))  # compared with the trace id's low 64 bits
-        # A new trace's decision is one random() draw against this (0 when the bound is: never sampled);
-        # its id is then drawn among the ids that TraceIdRatioBased gives the same decision (see _refill).
-        self._draw = self.sample_ratio if self._bound > 0 else 0.0
-        self._limit = (1 << 64) - (1 << 64) % self._bound if self._bound > 0 else 0  # see _sampled_trace_id
-        self._unsampled: list[bytes] = []  # traceparent lines of new unsampled traces, built in batches
+        # New traces come from a batch of ready traceparent lines with random ids and flags 00 (see
+        # _refill); TraceIdRatioBased decides by the trace id's low 64 bits, hex chars 16..31 of the id
+        # (fixed-width lower-case hex compares like the number): unsampled iff they are >= the bound.
+        self._new: list[bytes] = []
+        self._bound_hex = f"{self._bound:016x}".encode() if self._bound < 1 << 64 else b"g" * 16  # > any id
+        self._bound_c = self._bound_hex[0]  # the first char decides 15 times in 16
 
     def sample_new(self, trace_id: str) -> bool:
         if self.sample_ratio >= 1.0:
             return True
         return int(trace_id[16:], 16) < self._bound  # TraceIdRatioBased: consistent across proxies
 
-    def _sampled_trace_id(self) -> str:
-        """A new sampled trace's id: uniform among the ids whose low 64 bits are below the bound
-        (a 64-bit draw modulo the bound, the draws of the last partial interval rejected)."""
-        while True:
-            x = _bits(64)
-            if x < self._limit:
-                return "%032x" % ((_bits(64) << 64) | (x % self._bound) or 1)
-
     def _refill(self) -> bytes:
-        """Build the next batch of new unsampled traces' header lines; returns one of them.
+        """Build the next batch of new traces' traceparent lines (flags 00); returns one of them.
 
-        Most requests a proxy starts are new, unsampled traces: all they need is a traceparent line
-        with random ids and flags 00. Here a batch of lines is built from one `randbytes` with a few
-        dozen C-level slice copies (one per hex column), instead of two draws and a formatted header
-        per request. The ids are uniform among those that TraceIdRatioBased leaves unsampled (low 64
-        bits >= the bound; fixed-width lower-case hex compares like the number), so `sample_new()`
-        agrees with the decision, which was the caller's random() draw: together the same
-        distribution as one id whose low bits decide."""
-        lines = self._unsampled
-        n = _UNSAMPLED_BATCH
-        bound = f"{self._bound:016x}".encode() if 0 < self._bound < 1 << 64 else None  # None: no filter
-        while not lines:
-            ids = _rng.randbytes(24 * n).hex().encode()  # per line: 32 hex of trace id, 16 of span id
-            buf = bytearray(_UNSAMPLED_LINE * n)
-            size = len(_UNSAMPLED_LINE)
-            for col in range(32):
-                buf[16 + col::size] = ids[col::48]  # "traceparent: 00-" is 16 bytes
-            for col in range(16):
-                buf[49 + col::size] = ids[32 + col::48]
-            batch = bytes(buf).splitlines(keepends=True)
-            if bound is not None:
-                batch = [line for line in batch if line[32:48] >= bound]  # the ratio rule would sample the rest
-            if b"0" * 16 in ids:  # an all-zero id is invalid (one in 2**64): drop its line
-                batch = [line for line in batch if line[16:48] != _ZERO_TRACE_B and line[49:65] != _ZERO_SPAN_B]
-            lines.extend(batch)
+        Most requests a proxy starts are new traces, and most are not sampled: all they need is a
+        traceparent line with random ids. A batch is built from one `os.urandom` with a few dozen
+        C-level slice copies (one per hex column), instead of two draws and a formatted header per
+        request. A line whose id the ratio rule samples is used for its trace id (`hop`)."""
+        n = _NEW_BATCH
+        ids = os.urandom(24 * n).hex().encode()  # per line: 32 hex of trace id, then 16 of span id
+        buf = bytearray(_NEW_LINE * n)
+        size = len(_NEW_LINE)
+        for col in range(32):
+            buf[16 + col::size] = ids[col::48]  # "traceparent: 00-" is 16 bytes
+        for col in range(16):
+            buf[49 + col::size] = ids[32 + col::48]
+        lines = bytes(buf).splitlines(keepends=True)
+        if b"0" * 16 in ids:  # an all-zero id is invalid (one in 2**64): drop its line
+            lines = [line for line in lines if line[16:48] != _ZERO_TRACE_B and line[49:65] != _ZERO_SPAN_B]
+        self._new = lines
         return lines.pop()
+
+    def _new_trace(self) -> TraceContext | bytes:
+        """A new trace: sampled, its context (span id ""); else its traceparent line (flags 00)."""
+        new = self._new
+        line = new.pop() if new else self._refill()
+        c = line[32]  # the first hex char of the trace id's low 64 bits
+        if c > self._bound_c or (c == self._bound_c and line[32:48] >= self._bound_hex):
+            return line
+        return TraceContext(line[16:48].decode(), "", True)
 
     def hop(self, parent: TraceContext | None, passthrough: bool = True) -> TraceContext | bytes:
         """The cheap entry of a hop that keeps no access log: a sampled hop gets `root(parent)` (record
@@ -489,14 +483,11 @@ class Tracer:
         headers alone costs nothing. `passthrough=False` (the caller's headers are not fit to forward
         as they are, e.g. an invalid traceparent beside valid B3) re-issues them under a fresh span id.
 
-        A new trace's decision is one `random()` draw; an unsampled one's header line comes ready-made
-        from a batch (`_refill`), a sampled one's id is drawn to match the ratio rule.
+        A new trace's ids and header line come ready-made from a batch (`_refill`); the ratio rule on
+        its trace id decides.
         """
         if parent is None:
-            if _random() >= self._draw:
-                lines = self._unsampled
-                return lines.pop() if lines else self._refill()
-            return TraceContext(self._sampled_trace_id(), "", True)
+            return self._new_trace()
         if not parent.trace_id:  # a bare B3 decision ("b3: 0" / "1"): a new trace, the caller's decision
             r = _bits(128) or 1
             if parent.sampled:
@@ -522,10 +513,12 @@ class Tracer:
         if tp is None:
             if "b3" not in headers and "x-b3-traceid" not in headers and "x-b3-sampled" not in headers \
                     and "x-b3-flags" not in headers:
-                if _random() >= self._draw:  # hop(None), inline: this runs for most requests a proxy starts
-                    lines = self._unsampled
-                    return lines.pop() if lines else self._refill()
-                return TraceContext(self._sampled_trace_id(), "", True)
+                new = self._new  # hop(None), inline: this runs for most requests a proxy starts
+                line = new.pop() if new else self._refill()
+                c = line[32]
+                if c > self._bound_c or (c == self._bound_c and line[32:48] >= self._bound_hex):
+                    return line  # the ratio rule leaves this trace unsampled: only its header line
+                return TraceContext(line[16:48].decode(), "", True)
         elif "tracestate" not in headers and "b3" not in headers and "x-b3-traceid" not in headers:
             m = _TP00.fullmatch(tp)
             if m is not None and m[1] != _ZERO_TRACE and m[2] != _ZERO_SPAN:
