@@ -79,6 +79,9 @@ _HEX2 = re.compile(r"[0-9a-f]{2}")
 _B3_ID = re.compile(r"[0-9a-fA-F]{16}|[0-9a-fA-F]{32}")
 # The common form (version 00) in one match instead of four: every hop parses its caller's header.
 _TP00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+# A valid unsampled version-00 traceparent (non-zero ids, flags 00), matched without extracting groups:
+# what an inbound hop mostly sees from an upstream Lictor proxy, and passes on unchanged.
+_TP00_UNSAMPLED = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-00")
 
 _rng = random.Random()  # ids need uniqueness, not secrecy (the OTel SDKs do the same)
 _bits = _rng.getrandbits
@@ -520,6 +523,8 @@ class Tracer:
                     return line  # the ratio rule leaves this trace unsampled: only its header line
                 return TraceContext(line[16:48].decode(), "", True)
         elif "tracestate" not in headers and "b3" not in headers and "x-b3-traceid" not in headers:
+            if _TP00_UNSAMPLED.fullmatch(tp) is not None:
+                return PASS  # an unsampled caller: its traceparent goes on unchanged
             m = _TP00.fullmatch(tp)
             if m is not None and m[1] != _ZERO_TRACE and m[2] != _ZERO_SPAN:
                 flags = m[3]
