@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import random
 import sys
 import time
@@ -240,11 +241,43 @@ class Client:
             conn.close()
 
 
+def run_queue_wait_seconds(pid: int) -> float:
+    """Time the threads of a process spent runnable but waiting for a CPU (schedstat's second
+    field, summed over live threads): how much of the latency is queueing for a core."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
+class PerName:
+    """A per-pid cumulative counter (CPU seconds, run-queue wait) summed per process name, so a
+    restarted process counts its old and new pid. A pid's last sample before it dies is what it
+    counts, so up to a second of a killed process's figure is missed."""
+
+    def __init__(self) -> None:
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.names: dict[int, str] = {}
+
+    def update(self, name: str, pid: int, value: float) -> None:
+        self.first.setdefault(pid, value)
+        self.last[pid] = value
+        self.names[pid] = name
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, name in self.names.items():
+            out[name] = out.get(name, 0.0) + self.last[pid] - self.first[pid]
+        return out
+
+
 async def sample_rss(state: State, procs: list[AgentProc], samples: dict[str, list[tuple[float, int]]],
-                     cpu: dict[str, float]) -> None:
-    """RSS every second, and CPU seconds per process name (summed over restarts: a pid's last sample
-    before it dies is what it counts, so up to a second of a killed process's CPU is missed)."""
-    seen: dict[int, float] = {}
+                     cpu: PerName, waits: PerName) -> None:
+    """RSS every second, CPU seconds and run-queue wait per process name."""
     while not state.stop:
         now = time.monotonic() - state.t0
         for proc in procs:
@@ -252,12 +285,11 @@ async def sample_rss(state: State, procs: list[AgentProc], samples: dict[str, li
                 pid = proc.proc.pid
                 samples.setdefault(proc.name, []).append((now, rss_kib(pid)))
                 try:
-                    used = cpu_seconds(pid)
+                    cpu.update(proc.name, pid, cpu_seconds(pid))
+                    waits.update(proc.name, pid, run_queue_wait_seconds(pid))
                 except OSError:
                     continue
-                first = seen.setdefault(pid, used)
-                cpu[proc.name] = cpu.get(proc.name, 0.0) + (used - first) - cpu.get(f"_{pid}", 0.0)
-                cpu[f"_{pid}"] = used - first
+        waits.update("load generator", 0, run_queue_wait_seconds(os.getpid()))
         await asyncio.sleep(1.0)
 
 
@@ -395,11 +427,12 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         log(f"unloaded reads: n={len(baseline)} p50={out['unloaded']['p50_ms']:.2f} ms p99={out['unloaded']['p99_ms']:.2f} ms")
 
         rss: dict[str, list[tuple[float, int]]] = {}
-        cpu: dict[str, float] = {}
+        cpu, waits = PerName(), PerName()
         state.t0 = time.monotonic()
+        out["t0_wall"] = time.time()  # to line the raw reads up with outside samplers
         tasks = [asyncio.create_task(Client(state, w).watch()) for w in range(watchers)]
         tasks += [asyncio.create_task(c.run(think)) for c in load_clients]
-        sampler = asyncio.create_task(sample_rss(state, cluster.servers + agents, rss, cpu))
+        sampler = asyncio.create_task(sample_rss(state, cluster.servers + agents, rss, cpu, waits))
         lags: list[float] = []
         lag_task = asyncio.create_task(loop_lag(state, lags))
         gen_cpu0 = time.process_time()
@@ -431,7 +464,8 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         box0 = box_busy()
         await asyncio.sleep(duration)
         out["box_busy_cores_during_load"] = (box_busy() - box0) / duration
-        out["cpu_cores_during_load"] = {name: secs / duration for name, secs in cpu.items() if not name.startswith("_")}
+        out["cpu_cores_during_load"] = {name: secs / duration for name, secs in cpu.totals().items()}
+        out["run_queue_wait_cores_during_load"] = {name: secs / duration for name, secs in waits.totals().items()}
         out["cpu_cores_during_load"]["load generator"] = (time.process_time() - gen_cpu0) / duration
         state.stop = True
         await fault_task
@@ -539,6 +573,8 @@ def report(out: dict[str, Any]) -> None:
               f"{m['rss_final_mib']:.1f}, last-10 s slope {m['slope_last10s_mib_per_s']:+.2f} MiB/s"
               f"{' (restarted; measured from its restart)' if m['restarted'] else ''}")
     print("cores used during the load: " + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_cores_during_load"].items()))
+    print("threads runnable but waiting for a CPU during the load (core-seconds per second): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in out["run_queue_wait_cores_during_load"].items()))
     print(f"cores used by the after-load baseline (box busy {out['box_busy_cores_after_load']:.2f}): "
           + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_cores_after_load"].items()))
     print("read p99 by target/endpoint: " + ", ".join(f"{k} {v[1]:.1f} ms (n={v[0]})" for k, v in out["read_p99_ms_by"].items()))
