@@ -428,7 +428,7 @@ class L7Router:
     async def handle(self, down: HTTPOutbound, req: _Request) -> bool:
         """Serve one request; returns whether the app's connection stays open."""
         obs = self.obs
-        if obs is None or not obs.active:
+        if obs is None or (obs.tracer is None and obs.access_log is None):  # `not obs.active`, without a call
             return await self._handle(down, req, None)
         try:
             return await self._handle(down, req, obs)
