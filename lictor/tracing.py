@@ -660,7 +660,12 @@ def _span_text(trace_id: str, span_id: str, name: str, kind: int, start_ns: int,
     if events:
         out += ',"events":[' + ",".join(f'{{"timeUnixNano":"{t}","name":{_q(n)},"attributes":[{_attributes(a)}]}}'
                                         for t, n, a in events) + "]"
-    return out + (f',"status":{{"code":2,"message":{_q(error)}}}}}' if error else ',"status":{}}')
+    return out + _status_tail(error)
+
+
+def _status_tail(error: str) -> str:
+    """A span's status and closing brace."""
+    return f',"status":{{"code":2,"message":{_q(error)}}}}}' if error else ',"status":{}}'
 
 
 # (keys, values, status) -> (the encoded attribute list, the span's status and closing brace when it has
@@ -672,8 +677,7 @@ def _record_attrs(keys: tuple[str, ...], values: tuple[Any, ...], status: int | 
     pairs = [_pair(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
     if status is not None:
         pairs.append(_pair(ATTR_STATUS, status))
-    error = _status_error(status, "")
-    hit = (",".join(pairs), f',"status":{{"code":2,"message":{_q(error)}}}}}' if error else ',"status":{}}')
+    hit = (",".join(pairs), _status_tail(_status_error(status, "")))
     if len(_RECORD_ATTRS) >= 4096:  # bounded: paths and client addresses vary
         _RECORD_ATTRS.clear()
     _RECORD_ATTRS[(keys, values, status)] = hit
@@ -689,12 +693,11 @@ def _records_json(records: list[SpanRecord], out: list[str]) -> None:
     for (_tracer, name, kind, trace_id, span_id, parent_id, tracestate, start_ns, end_ns, keys, values, status, error,
          events) in records:
         hit = cache.get((keys, values, status)) or _record_attrs(keys, values, status)
-        end = f',"status":{{"code":2,"message":{_q(error)}}}}}' if error else hit[1]
-        if parent_id or tracestate or events:  # the rarer fields, in _span_text's order
-            end = (f',"parentSpanId":"{parent_id}"' if parent_id else "") + (
-                f',"traceState":{_q(tracestate)}' if tracestate else "") + (
-                ',"events":[' + ",".join(f'{{"timeUnixNano":"{t}","name":{_q(n)},"attributes":[{_attributes(a)}]}}'
-                                         for t, n, a in events) + "]" if events else "") + end
+        if parent_id or tracestate or events:  # the rarer fields: the general encoder
+            append(_span_text(trace_id, span_id, name, kind, start_ns, end_ns, hit[0], parent_id, tracestate, events,
+                              _status_error(status, error)))
+            continue
+        end = _status_tail(error) if error else hit[1]
         append(f'{{"traceId":"{trace_id}","spanId":"{span_id}","name":{names.get(name) or _name(name)},"kind":{kind},'
                f'"startTimeUnixNano":"{start_ns}","endTimeUnixNano":"{end_ns}","attributes":[{hit[0]}]{end}')
 
