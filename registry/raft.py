@@ -29,6 +29,7 @@ from typing import Any
 
 from lictor import metrics
 from lictor.errors import APIError, NoLeader
+from lictor.registry import raft_wire
 from lictor.registry.state import Result, StateStore
 
 log = logging.getLogger("lictor.raft")
@@ -42,7 +43,7 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024  # and bytes: a batch never outgrows what one 
 # Declared lengths of pysyncobj frames we are willing to buffer. Before a connection has proved it
 # holds the cluster key (its first frame decrypts to the peer's session key, ~200 bytes), a stranger
 # gets a few KiB; after, up to the biggest legitimate entry: a 256 MiB snapshot restore, zlib'd and
-# Fernet-encoded (x4/3), with room to spare. pysyncobj itself buffers whatever a frame declares.
+# sealed (raft_wire), with room to spare. pysyncobj itself buffers whatever a frame declares.
 HANDSHAKE_FRAME_MAX = 4096
 AUTHENTICATED_FRAME_MAX = 512 * 1024 * 1024
 
@@ -408,6 +409,7 @@ class RaftLog(ConsensusLog):
             **s.extra,
         )
         _limit_raft_frames()
+        raft_wire.install()
         self._consumer, node_class = _build_replicated(self.store)
         # SyncObj binds its port and starts its tick thread in the constructor; it must be built
         # on the main thread, whose liveness its tick thread watches.
