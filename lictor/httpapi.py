@@ -121,15 +121,19 @@ class ChangeWaiter:
 
     generation: int
 
-    async def wait(self, generation: int, timeout: float) -> None: ...
+    async def wait(self, generation: int, timeout: float, unchanged: Callable[[], bool] | None = None) -> None: ...
 
 
 async def blocking(
     opts: QueryOptions,
     feed: ChangeWaiter,
     read: Callable[[], tuple[int, Any]],
+    stamp: Callable[[], Any] | None = None,
 ) -> tuple[int, Any]:
-    """Consul's blocking query: return once the resource's index passes `?index`, or at `wait`."""
+    """Consul's blocking query: return once the resource's index passes `?index`, or at `wait`.
+
+    `stamp`, if given, is a cheap value that changes whenever `read`'s answer may; while it holds,
+    changes elsewhere in the state don't wake this query at all (see ChangeFeed._release)."""
     index, data = read()
     if not opts.index or index > opts.index:
         return index, data
@@ -140,11 +144,13 @@ async def blocking(
     try:
         while True:
             generation = feed.generation
+            seen = stamp() if stamp is not None else None  # before the read: a change between is seen
             index, data = read()
             remaining = deadline - loop.time()
             if index > opts.index or remaining <= 0 or getattr(feed, "closed", False):
                 return index, data
-            await feed.wait(generation, remaining)
+            unchanged = (lambda seen=seen: stamp() == seen) if stamp is not None else None
+            await feed.wait(generation, remaining, unchanged)
     finally:
         metrics.BLOCKING_IN_FLIGHT.dec()
 

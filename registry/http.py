@@ -293,7 +293,8 @@ class RegistryAPI:
             entry = views.read_shared_entry(self.store, view, *args, as_body=as_body, **kwargs)
             return entry.index, entry
 
-        _index, entry = await blocking(opts, self.log.feed, read)
+        stamp = views.stamp_function(self.store, view, *args, **kwargs) if opts.index else None
+        _index, entry = await blocking(opts, self.log.feed, read, stamp)
         return opts, entry
 
     async def _read(self, request: Request, view: Callable[..., tuple[int, Any]], *args: Any, **kwargs: Any):

@@ -102,6 +102,23 @@ def read_shared_entry(store: StateStore, view: Callable[..., tuple[Index, Any]],
         return entry
 
 
+def stamp_function(store: StateStore, view: Callable[..., tuple[Index, Any]], *args: Any,
+                   **kwargs: Any) -> Callable[[], Index] | None:
+    """The stamp `read_shared_entry` caches this view's answer under, as a function a blocking
+    query can re-check cheaply after each change; None when the view has no cheap index (its stamp
+    would be the store's index, which every write moves)."""
+    index_of = _INDEX_OF.get(view)
+    if index_of is None:
+        return None
+
+    def stamp() -> Index:
+        with store.lock:
+            value = index_of(store, *args, **kwargs)
+            return store.index if value is None else value
+
+    return stamp
+
+
 def _table(store: StateStore, *tables: str) -> Index:
     return max((store.table_index.get(t, 0) for t in tables), default=0)
 

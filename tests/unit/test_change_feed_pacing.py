@@ -50,3 +50,58 @@ def test_close_still_releases_every_waiter() -> None:
         return len(done)
 
     assert asyncio.run(scenario()) == 9
+
+
+def test_a_waiter_whose_view_is_unchanged_sleeps_through_other_changes() -> None:
+    async def scenario() -> tuple[bool, bool, int]:
+        feed = ChangeFeed()
+        feed.bind(asyncio.get_running_loop())
+        stamp = {"web": 5}
+        checks = 0
+
+        def unchanged() -> bool:
+            nonlocal checks
+            checks += 1
+            return stamp["web"] == 5
+
+        watcher = asyncio.create_task(feed.wait(feed.generation, 5.0, unchanged))
+        plain = asyncio.create_task(feed.wait(feed.generation, 5.0))
+        await asyncio.sleep(0)
+        feed.notify()  # a write elsewhere (a KV key, another service)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        after_unrelated = watcher.done()
+        stamp["web"] = 6  # now a change to what it reads
+        feed.notify()
+        await asyncio.wait_for(watcher, 5)
+        return after_unrelated, plain.done(), checks
+
+    after_unrelated, plain_woken, checks = asyncio.run(scenario())
+    assert not after_unrelated and plain_woken
+    assert checks == 2
+
+
+def test_a_parked_waiter_that_timed_out_is_dropped_not_kept() -> None:
+    async def scenario() -> int:
+        feed = ChangeFeed()
+        feed.bind(asyncio.get_running_loop())
+        await feed.wait(feed.generation, 0.02, lambda: True)  # times out
+        feed.notify()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return len(feed._waiters)
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_close_releases_waiters_whose_view_is_unchanged() -> None:
+    async def scenario() -> bool:
+        feed = ChangeFeed()
+        feed.bind(asyncio.get_running_loop())
+        task = asyncio.create_task(feed.wait(feed.generation, 30.0, lambda: True))
+        await asyncio.sleep(0)
+        feed.close()
+        await asyncio.wait_for(task, 5)
+        return task.done()
+
+    assert asyncio.run(scenario())
