@@ -33,7 +33,9 @@ exporter thread's once-a-second batch) is counted. Reported per variant: CPU tim
 req/s per pass, and the cost as the median over passes of the ratio to "off" in the same pass. On a
 shared, busy 2-vCPU box req/s swings with other tenants' load; CPU per request moves much less, and
 for a single-threaded, CPU-bound proxy throughput is its inverse, so the cost is judged on
-CPU/request first (req/s is printed alongside). `--together` loads all variants of a kind (the
+CPU/request first (req/s is printed alongside). A second table gives, per request and variant, what
+an instruction count does not show: system CPU, minor page faults, voluntary and involuntary context
+switches, and the CPU of the threads other than the event loop's (the span exporter). `--together` loads all variants of a kind (the
 gateways, then the sidecar pairs) at the same time instead, one wrk each: every variant then sees
 exactly the same box, at the price of sharing 2 vCPUs among them all.
 
@@ -170,6 +172,40 @@ def cpu_seconds(pid: int | list[int]) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+COUNTERS = ("cpu", "sys", "minflt", "vcsw", "ivcsw", "threads")  # per slice; all but cpu are reported per request
+
+
+def counters(pid: int | list[int]) -> dict[str, float]:
+    """CPU (utime+stime) and system seconds, minor page faults, and context switches of every thread.
+
+    What valgrind's instruction count cannot see: kernel time, page faults (first touches of fresh
+    memory), and the switches that GIL hand-offs between threads cost."""
+    if isinstance(pid, list):
+        out = dict.fromkeys(COUNTERS, 0.0)
+        for p in pid:
+            for k, v in counters(p).items():
+                out[k] += v
+        return out
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"cpu": (int(fields[11]) + int(fields[12])) / tick, "sys": int(fields[12]) / tick,
+           "minflt": float(fields[7]), "vcsw": 0.0, "ivcsw": 0.0, "threads": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+            if task.name != str(pid):  # CPU of the threads beside the event loop's (the exporter's)
+                f = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                out["threads"] += (int(f[11]) + int(f[12])) / tick
+        except OSError:  # a thread that just ended
+            continue
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                out["vcsw"] += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                out["ivcsw"] += int(line.split()[1])
+    return out
+
+
 def scrape(metrics_port: int) -> dict[str, float]:
     """The gateway's span / access-log counters (Prometheus text)."""
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
@@ -192,7 +228,9 @@ def sidecar_stats(metrics_ports: list[int]) -> dict[str, float]:
 def summarize(slices: list[dict[str, float]]) -> dict[str, float]:
     """One pass of one variant: CPU per request and req/s over all its slices, latency medians."""
     requests = sum(r["requests"] for r in slices)
-    return {"cpu_us": sum(r.get("cpu", 0.0) for r in slices) / requests * 1e6 if requests else 0.0,
+    per = {f"{k}_per_req": sum(r.get(k, 0.0) for r in slices) / requests if requests else 0.0
+           for k in COUNTERS[1:]}
+    return {"cpu_us": sum(r.get("cpu", 0.0) for r in slices) / requests * 1e6 if requests else 0.0, **per,
             "rps": statistics.mean(r["rps"] for r in slices),
             "p50": statistics.median(r["p50"] for r in slices), "p99": statistics.median(r["p99"] for r in slices),
             "non2xx": sum(r["non2xx"] for r in slices)}
@@ -429,20 +467,21 @@ def main() -> int:
         names = list(targets)
         rounds = max(1, args.duration // args.slice)
         slices: dict[str, list[list[dict[str, float]]]] = {k: [[] for _ in range(args.runs)] for k in names}
-        last: dict[str, tuple[float, dict[str, float]] | None] = {k: None for k in names}
+        last: dict[str, tuple[dict[str, float], dict[str, float]] | None] = {k: None for k in names}
 
         def charge(variant: str) -> None:
-            now = cpu_seconds(pids[variant])
+            now = counters(pids[variant])
             prev = last[variant]
             if prev is not None:
-                prev[1]["cpu"] = now - prev[0]
+                for k in COUNTERS:
+                    prev[1][k] = now[k] - prev[0][k]
             last[variant] = None
 
         def load(group: list[str]) -> None:
             """Load the variants of `group` at the same time, one wrk each, for one slice."""
             for variant in group:
                 charge(variant)
-            cpu0 = {v: cpu_seconds(pids[v]) for v in group}
+            cpu0 = {v: counters(pids[v]) for v in group}
             with ThreadPoolExecutor(len(group)) as pool:
                 runs = {v: pool.submit(wrk, targets[v][0], args.connections, args.slice, targets[v][1]) for v in group}
             for variant, future in runs.items():
@@ -503,6 +542,16 @@ def main() -> int:
             print(f"| {variant} | {cpu:,.1f} | {per_pass} | {cost:+.1%} | {rps:,.0f} | {rps_cost:+.1%} | "
                   f"{statistics.median(p['p50'] for p in passes):.2f} | "
                   f"{statistics.median(p['p99'] for p in passes):.2f} | {exported} | {lines} |")
+        print("\nPer request (median of passes): system CPU, minor page faults, voluntary and involuntary "
+              "context switches (all threads)\n")
+        print("| variant | sys us/req | minor faults/req | voluntary switches/req | involuntary switches/req | "
+              "other threads' CPU us/req |")
+        print("|---|---|---|---|---|---|")
+        for variant in names:
+            passes = [summarize(p) for p in slices[variant]]
+            med = {k: statistics.median(p[f"{k}_per_req"] for p in passes) for k in COUNTERS[1:]}
+            print(f"| {variant} | {med['sys'] * 1e6:.1f} | {med['minflt']:.3f} | {med['vcsw']:.3f} | "
+                  f"{med['ivcsw']:.3f} | {med['threads'] * 1e6:.1f} |")
         for prefix in ("", "sidecar pair "):  # two processes a side: the mean of each pair, per pass
             group = [prefix + v for v in ("off", AA, HEADLINE, HEADLINE_2)]
             if not all(v in slices for v in group):
