@@ -30,7 +30,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _q  # the C string escaper json.dumps uses
 from typing import Any
@@ -709,38 +709,61 @@ def _record_json(r: SpanRecord) -> str:
     return out[0]
 
 
+def _by_service(spans: Iterable[Span | SpanRecord]) -> dict[str, list[Span | SpanRecord]]:
+    """Spans and records by their tracer's service, each service's in their order."""
+    out: dict[str, list[Span | SpanRecord]] = {}
+    tracer: Any = _by_service  # no tracer is this
+    group: list[Span | SpanRecord] = []
+    for s in spans:
+        t = s[0] if type(s) is tuple else s.tracer  # type: ignore[union-attr]
+        if t is not tracer:
+            tracer = t
+            group = out.setdefault(t.service if t is not None else "", [])
+        group.append(s)
+    return out
+
+
+def _spans_json(spans: list[Span | SpanRecord], out: list[str]) -> None:
+    """Append each span's (or record's) JSON object to `out`; runs of records in one `_records_json`."""
+    run: list[SpanRecord] = []
+    for s in spans:
+        if type(s) is tuple:
+            run.append(s)
+            continue
+        if run:
+            _records_json(run, out)
+            run = []
+        out.append(_span_json(s))  # type: ignore[arg-type]
+    if run:
+        _records_json(run, out)
+
+
+# Spans per part of a body (`otlp_json_parts`): ~30 KB of text, below glibc's mmap threshold. A batch
+# is ~0.7 MB; built as one string (and its encoded copy) each is fresh memory from mmap, and their
+# first touches cost ~600 page faults per batch (measured: 5.1 -> 4.4 ms per 1,024 spans here).
+_PART = 48
+
+
+def otlp_json_parts(spans: Iterable[Span | SpanRecord], scope_version: str = "") -> Iterator[str]:
+    """`encode_otlp_json`'s text in parts of at most `_PART` spans each (joined, the same document)."""
+    scope = f'{{"name":"lictor","version":{_q(scope_version)}}}'
+    yield '{"resourceSpans":['
+    for i, (svc, items) in enumerate(_by_service(spans).items()):
+        resource = _attributes({"service.name": svc, "telemetry.sdk.name": "lictor"})
+        head = f'{"," if i else ""}{{"resource":{{"attributes":[{resource}]}},"scopeSpans":[{{"scope":{scope},"spans":['
+        for k in range(0, len(items), _PART):
+            texts: list[str] = []
+            _spans_json(items[k:k + _PART], texts)
+            yield (head if k == 0 else ",") + ",".join(texts)
+        yield "]}]}"
+    yield "]}"
+
+
 def encode_otlp_json(spans: Iterable[Span | SpanRecord], scope_version: str = "") -> bytes:
     """An ExportTraceServiceRequest in OTLP's JSON mapping (hex ids), spans grouped by service.
 
     `spans`: Span objects and span records (`SpanRecord`), mixed."""
-    by_service: dict[str, list[str]] = {}
-    run: list[SpanRecord] = []  # consecutive records of one tracer, encoded in one `_records_json` call
-    tracer: Any = None
-    for s in spans:
-        if type(s) is tuple:
-            if s[0] is not tracer and run:
-                _records_json(run, by_service.setdefault(tracer.service if tracer is not None else "", []))
-                run = []
-            tracer = s[0]
-            run.append(s)
-            continue
-        if run:  # a Span after records: theirs first, so every service's spans stay in order
-            _records_json(run, by_service.setdefault(tracer.service if tracer is not None else "", []))
-            run, tracer = [], None
-        svc = s.tracer.service if s.tracer is not None else ""
-        by_service.setdefault(svc, []).append(_span_json(s))
-    if run:
-        _records_json(run, by_service.setdefault(tracer.service if tracer is not None else "", []))
-    scope = f'{{"name":"lictor","version":{_q(scope_version)}}}'
-    # One join over all the pieces: a batch is ~0.5 MB of text, and every nested f-string copied it.
-    out = ['{"resourceSpans":[']
-    for i, (svc, items) in enumerate(by_service.items()):
-        resource = _attributes({"service.name": svc, "telemetry.sdk.name": "lictor"})
-        out.append(f'{"," if i else ""}{{"resource":{{"attributes":[{resource}]}},"scopeSpans":[{{"scope":{scope},"spans":[')
-        out.append(",".join(items))
-        out.append("]}]}")
-    out.append("]}")
-    return "".join(out).encode()
+    return "".join(otlp_json_parts(spans, scope_version)).encode()
 
 
 # ----------------------------------------------------------------------------------- exporters
@@ -855,6 +878,7 @@ class OtlpExporter(BatchWorker, Exporter):
         self.timeout = timeout
         self.headers = {"content-type": "application/json", **(headers or {})}
         self._conn: http.client.HTTPConnection | None = None
+        self._body = bytearray()  # the request body, reused (see _encode)
         self._last_warning = 0.0
         super().__init__("lictor-otlp-export", max_queue, batch, interval)
 
@@ -863,26 +887,40 @@ class OtlpExporter(BatchWorker, Exporter):
     def count(self, items: list[Any]) -> int:
         return len(_flat(items))
 
+    def _encode(self, spans: list[Any]) -> int:
+        """Encode a batch into `self._body` (reused); returns its length.
+
+        Part by part into one buffer that lives as long as the exporter: its pages stay mapped, so
+        a batch costs no page faults (a fresh ~0.7 MB string and its bytes cost ~600 per batch)."""
+        buf = self._body
+        n = 0
+        for part in otlp_json_parts(spans):
+            b = part.encode()
+            buf[n:n + len(b)] = b  # overwrites in place; grows only past the largest body so far
+            n += len(b)
+        return n
+
     def handle(self, items: list[Any]) -> int:
         spans = _flat(items)
-        body = encode_otlp_json(spans)
-        for attempt in range(2):  # one retry on a stale keep-alive connection
-            if self._conn is None:
-                cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-                self._conn = cls(self.host, self.port, timeout=self.timeout)
-            try:
-                self._conn.request("POST", self.path, body, self.headers)
-                resp = self._conn.getresponse()
-                resp.read()
-            except (OSError, http.client.HTTPException):
-                self._conn.close()
-                self._conn = None
-                if attempt:
-                    raise
-                continue
-            if resp.status >= 300:
-                raise RuntimeError(f"OTLP endpoint answered {resp.status} for {len(spans)} spans")
-            return len(spans)
+        n = self._encode(spans)
+        with memoryview(self._body) as whole, whole[:n] as body:  # released before the next resize
+            for attempt in range(2):  # one retry on a stale keep-alive connection
+                if self._conn is None:
+                    cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+                    self._conn = cls(self.host, self.port, timeout=self.timeout)
+                try:
+                    self._conn.request("POST", self.path, body, self.headers)
+                    resp = self._conn.getresponse()
+                    resp.read()
+                except (OSError, http.client.HTTPException):
+                    self._conn.close()
+                    self._conn = None
+                    if attempt:
+                        raise
+                    continue
+                if resp.status >= 300:
+                    raise RuntimeError(f"OTLP endpoint answered {resp.status} for {len(spans)} spans")
+                return len(spans)
         return 0  # not reached: the second failed attempt raises
 
     def on_error(self, exc: Exception) -> None:
