@@ -7,8 +7,10 @@ import base64
 import json
 import os
 import secrets
+import signal
 import ssl
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -178,6 +180,7 @@ def register_command(name: str, func: Callable[[list[str]], int]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _interruptible()
     try:
         from lictor import cli_extra  # noqa: F401 - more commands register themselves
     except ImportError:
@@ -198,6 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
 
+
+
+def _interruptible() -> None:
+    """Ctrl-C (SIGINT) stops a command even if it was started with SIGINT ignored, as a shell does
+    for `cmd &` without job control: Python then never raises KeyboardInterrupt, so `lictor watch &`
+    and `lictor monitor &` in a script could not be stopped the way Consul's (Go re-enables an
+    ignored SIGINT it is asked to catch) are."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if __name__ == "__main__":
     # `python -m lictor.cli` runs this file as __main__: use the importable module instead, so the

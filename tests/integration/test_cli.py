@@ -816,3 +816,22 @@ def test_leave_shuts_the_agent_down(dev_agent: AgentProc) -> None:
     wait_until(lambda: not dev_agent.alive(), 20.0, 0.1, "agent exit after leave")
     after = run("members", addr=dev_agent.http_addr)
     assert after.returncode == 1 and "cannot reach an agent" in after.stderr
+
+
+def test_watch_started_with_sigint_ignored_still_stops_on_ctrl_c(agent: AgentProc) -> None:
+    """A shell starts `cmd &` with SIGINT ignored when job control is off; Ctrl-C must still stop
+    the command (Consul's Go binary re-enables it too)."""
+    proc = subprocess.Popen(
+        LICTOR + ["watch", "-type", "key", "-key", "cli-ignored-sigint"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=clean_env(LICTOR_HTTP_ADDR=agent.http_addr), text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509 - the point of the test
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() != ""  # it is running and has answered once
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
