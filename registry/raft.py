@@ -189,7 +189,7 @@ class ChangeFeed:
         for position, (fut, unchanged) in enumerate(waiters):
             if fut.done():  # timed out or cancelled: forget it
                 continue
-            if unchanged is not None and not self.closed and unchanged():
+            if unchanged is not None and not self.closed and _holds(unchanged):
                 self._waiters.append((fut, unchanged))
                 continue
             if paced and woken == WAKE_PER_ITERATION:
@@ -223,6 +223,15 @@ class ChangeFeed:
         finally:
             if not fut.done():
                 fut.cancel()  # so that a parked entry is dropped at the next change, not kept forever
+
+
+def _holds(unchanged: Callable[[], bool]) -> bool:
+    """A waiter's check; one that fails counts as "changed", so its waiter wakes and re-reads."""
+    try:
+        return bool(unchanged())
+    except Exception:  # noqa: BLE001 - a broken check must not strand the other waiters
+        log.exception("blocking-query change check failed")
+        return False
 
 
 class ConsensusLog:

@@ -105,3 +105,21 @@ def test_close_releases_waiters_whose_view_is_unchanged() -> None:
         return task.done()
 
     assert asyncio.run(scenario())
+
+
+def test_a_failing_change_check_wakes_its_waiter_and_spares_the_others() -> None:
+    async def scenario() -> int:
+        feed = ChangeFeed()
+        feed.bind(asyncio.get_running_loop())
+
+        def broken() -> bool:
+            raise KeyError("gone")
+
+        tasks = [asyncio.create_task(feed.wait(feed.generation, 5.0, broken)),
+                 asyncio.create_task(feed.wait(feed.generation, 5.0))]
+        await asyncio.sleep(0)
+        feed.notify()
+        done, _ = await asyncio.wait(tasks, timeout=5)
+        return len(done)
+
+    assert asyncio.run(scenario()) == 2
