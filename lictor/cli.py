@@ -202,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
 
 
-
 def _interruptible() -> None:
     """Ctrl-C (SIGINT) stops a command even if it was started with SIGINT ignored, as a shell does
     for `cmd &` without job control: Python then never raises KeyboardInterrupt, so `lictor watch &`
@@ -210,6 +209,7 @@ def _interruptible() -> None:
     ignored SIGINT it is asked to catch) are."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 if __name__ == "__main__":
     # `python -m lictor.cli` runs this file as __main__: use the importable module instead, so the

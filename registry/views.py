@@ -11,6 +11,7 @@ import copy
 import json
 import marshal
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 from lictor.httpapi import compact_json
@@ -82,9 +83,7 @@ def read_shared_entry(store: StateStore, view: Callable[..., tuple[Index, Any]],
     key = (view, as_body, _freeze(args), _freeze(kwargs))
     index_of = _INDEX_OF.get(view)
     with store.lock:
-        stamp = index_of(store, *args, **kwargs) if index_of is not None else None
-        if stamp is None:
-            stamp = store.index
+        stamp = _stamp(store, index_of, args, kwargs)
         cache = store.read_cache
         hit = cache.get(key)
         if hit is not None and hit.stamp == stamp:
@@ -113,10 +112,16 @@ def stamp_function(store: StateStore, view: Callable[..., tuple[Index, Any]], *a
 
     def stamp() -> Index:
         with store.lock:
-            value = index_of(store, *args, **kwargs)
-            return store.index if value is None else value
+            return _stamp(store, index_of, args, kwargs)
 
     return stamp
+
+
+def _stamp(store: StateStore, index_of: Callable[..., Index | None] | None, args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> Index:
+    """What a view's cached answer is valid for: its cheap index, else the store's (caller holds the lock)."""
+    value = index_of(store, *args, **kwargs) if index_of is not None else None
+    return store.index if value is None else value
 
 
 def _table(store: StateStore, *tables: str) -> Index:
@@ -241,11 +246,6 @@ def catalog_node(store: StateStore, node_name: str) -> tuple[Index, dict | None]
 # -- health ----------------------------------------------------------------------------------------
 
 
-def _instance_checks(store: StateStore, node: str, service_id: str) -> list[dict[str, Any]]:
-    checks = store.checks.get(node, {})
-    return [checks[c] for c in sorted(checks) if checks[c].get("ServiceID", "") in ("", service_id)]
-
-
 def health_service_entries(
     store: StateStore,
     name: str,
@@ -278,9 +278,8 @@ def health_service_entries(
 
 
 class _NodeChecks:
-    """One node's checks grouped once per view build, so each of its instances gets its own and
-    the node's in CheckID order without a sort and scan of all the node's checks per instance
-    (`_instance_checks`, which this matches exactly)."""
+    """One node's checks grouped once per view build: each of its instances gets its own and the
+    node's, in CheckID order, without a sort and scan of all the node's checks per instance."""
 
     __slots__ = ("_node_level", "_by_service")
 
@@ -301,11 +300,7 @@ class _NodeChecks:
             return [check for _, check in self._node_level]
         if not self._node_level:
             return [check for _, check in own]
-        return [check for _, check in sorted(self._node_level + own, key=_first)]
-
-
-def _first(pair: tuple[str, Any]) -> str:
-    return pair[0]
+        return [check for _, check in sorted(self._node_level + own, key=itemgetter(0))]
 
 
 def health_checks(store: StateStore, name: str) -> tuple[Index, list[dict]]:

@@ -709,9 +709,12 @@ def test_snapshot_inspect_consul_archive(tmp_path: Path) -> None:
 class Watch:
     """A `lictor watch` subprocess whose stdout lines arrive on a queue."""
 
-    def __init__(self, args: list[str], addr: str) -> None:
+    def __init__(self, args: list[str], addr: str, *, sigint_ignored: bool = False) -> None:
+        # sigint_ignored: started as a shell starts `cmd &` without job control.
+        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
         self.proc = subprocess.Popen(LICTOR + ["watch", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=clean_env(LICTOR_HTTP_ADDR=addr), text=True)
+                                     env=clean_env(LICTOR_HTTP_ADDR=addr), text=True,
+                                     preexec_fn=ignore)  # noqa: PLW1509 - only to ignore SIGINT
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -821,17 +824,10 @@ def test_leave_shuts_the_agent_down(dev_agent: AgentProc) -> None:
 def test_watch_started_with_sigint_ignored_still_stops_on_ctrl_c(agent: AgentProc) -> None:
     """A shell starts `cmd &` with SIGINT ignored when job control is off; Ctrl-C must still stop
     the command (Consul's Go binary re-enables it too)."""
-    proc = subprocess.Popen(
-        LICTOR + ["watch", "-type", "key", "-key", "cli-ignored-sigint"], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=clean_env(LICTOR_HTTP_ADDR=agent.http_addr), text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509 - the point of the test
-    )
+    watch = Watch(["-type", "key", "-key", "cli-ignored-sigint"], agent.http_addr, sigint_ignored=True)
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() != ""  # it is running and has answered once
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
+        watch.next()  # it is running and has answered once
+        watch.proc.send_signal(signal.SIGINT)
+        assert watch.proc.wait(10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        watch.stop()
