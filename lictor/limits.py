@@ -119,14 +119,22 @@ class LimitsMiddleware:
             return
         max_body = _body_limit(scope["path"], self.config.http_max_body)
         if max_body > 0:
-            declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            declared = chunked = None
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    declared = value
+                elif name == b"transfer-encoding":
+                    chunked = value
             if declared is not None and declared.isdigit() and int(declared) > max_body:
                 count_refusal("body")
                 await PlainTextResponse(f"Request body too large: the limit is {max_body} bytes", status_code=413)(
                     scope, receive, send
                 )
                 return
-            receive, send = _cap_body(receive, send, max_body)
+            # The parser reads exactly Content-Length bytes (none without it or Transfer-Encoding):
+            # only a chunked body's size is unknown up front and needs counting as it arrives.
+            if chunked is not None or (declared is not None and not declared.isdigit()):
+                receive, send = _cap_body(receive, send, max_body)
         if scope["method"] == "PUT" and scope["path"] == "/v1/agent/service/register" and self.config.max_services > 0:
             refusal, receive = await self._service_cap(receive)
             if refusal:

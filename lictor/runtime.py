@@ -20,7 +20,7 @@ from lictor import __version__, metrics, monitor
 from lictor.config import AgentConfig
 from lictor.errors import APIError
 from lictor.httpapi import empty_ok, guarded, json_response, method_not_allowed
-from lictor.routing import IndexedRouter
+from lictor.routing import DirectApp, IndexedRouter
 
 log = logging.getLogger("lictor")
 
@@ -86,7 +86,7 @@ class Agent:
 
             self.server = ServerAgent(config)
             self.app.router.routes.extend(self.server.routes())
-        asgi = NotReadyMiddleware(self.app, self.is_ready)
+        asgi = NotReadyMiddleware(DirectApp(self.app, self.app.router, self.app.exception_handlers), self.is_ready)
         from lictor import limits  # ACLs and request limits (issue #9)
 
         # Metrics outermost, so requests refused by limits/ACLs (429, 403) are counted too.
