@@ -127,6 +127,66 @@ class RaftSettings:
 WAKE_PER_ITERATION = 2  # blocking queries woken per event-loop iteration (see ChangeFeed._release)
 
 
+class TickHandoff:
+    """What pysyncobj's tick thread hands to the event loop, delivered in one wake-up per tick,
+    sent just before the tick thread blocks in poll().
+
+    Waking the loop from the tick thread (`call_soon_threadsafe`: an eventfd write) makes the loop
+    thread runnable while the tick thread still holds the GIL; the loop thread then blocks on the
+    GIL until the tick thread lets go. Measured on a 2-vCPU VM, one such wake-up costs 20-80 µs of
+    GIL-held time, and on a follower the change-feed wake-up was a quarter of the Raft work per
+    write. Posted from inside a tick (apply results, change notifications), they are collected and
+    sent together by `flush`, which pysyncobj calls as the last step before its poll() — where the
+    GIL is released, so the loop thread can take it at once.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._tick_thread: int | None = None
+        self._items: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._lock = threading.Lock()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn(*args)` on the loop: after this tick when called on the tick thread, else now."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() != self._tick_thread:
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # loop closed during shutdown
+                pass
+            return
+        with self._lock:
+            self._items.append((fn, args))
+
+    def flush(self) -> None:
+        """pysyncobj's on-tick callback: runs on the tick thread, right before it polls."""
+        self._tick_thread = threading.get_ident()
+        with self._lock:
+            if not self._items:
+                return
+            items, self._items = self._items, []
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(_run_all, items)
+        except RuntimeError:
+            pass
+
+
+def _run_all(items: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+    for fn, args in items:
+        try:
+            fn(*args)
+        except Exception:  # one failing hand-off must not drop the others
+            log.exception("error delivering a Raft result to the event loop")
+
+
 class ChangeFeed:
     """Wakes blocking queries on the event loop when the state machine applies something.
 
@@ -136,8 +196,9 @@ class ChangeFeed:
 
     _instances: weakref.WeakSet[ChangeFeed] = weakref.WeakSet()
 
-    def __init__(self) -> None:
+    def __init__(self, handoff: TickHandoff | None = None) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.handoff = handoff  # set when notify is called from a Raft tick thread
         self.generation = 0
         self.closed = False  # shutting down: blocking queries answer now instead of being cancelled
         self._waiters: list[tuple[asyncio.Future[None], Callable[[], bool] | None]] = []
@@ -162,6 +223,9 @@ class ChangeFeed:
             if self._pending:
                 return
             self._pending = True
+        if self.handoff is not None:
+            self.handoff.post(self._wake)
+            return
         try:
             loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # loop closed during shutdown
@@ -392,7 +456,8 @@ class RaftLog(ConsensusLog):
         self.settings = settings
         self.self_addr = settings.self_addr
         self.store = StateStore()
-        self.feed = ChangeFeed()
+        self.handoff = TickHandoff()
+        self.feed = ChangeFeed(self.handoff)
         self.store.listeners.append(self.feed.notify)
         self._consumer: Any = None
         self._node: Any = None
@@ -410,6 +475,7 @@ class RaftLog(ConsensusLog):
 
         loop = asyncio.get_running_loop()
         self.feed.bind(loop)
+        self.handoff.bind(loop)
         s = self.settings
         journal = dump = None
         if s.data_dir:
@@ -440,6 +506,7 @@ class RaftLog(ConsensusLog):
         # SyncObj binds its port and starts its tick thread in the constructor; it must be built
         # on the main thread, whose liveness its tick thread watches.
         self._node = node_class(s.self_addr, [p for p in s.peers if p != s.self_addr], conf=conf, consumers=[self._consumer])
+        self._node.addOnTickCallback(self.handoff.flush)
         self._monitor = loop.create_task(self._watch())
         if journal:
             self._flusher = threading.Thread(target=self._flush_loop, name="raft-flush", daemon=True)
@@ -490,7 +557,6 @@ class RaftLog(ConsensusLog):
 
     def _flush_batch(self) -> None:
         self._flush_scheduled = False
-        loop = asyncio.get_running_loop()
         while self._batch:
             size, take = 0, 0
             for blob, _ in self._batch[:MAX_BATCH]:
@@ -503,7 +569,7 @@ class RaftLog(ConsensusLog):
                 blob, fut = batch[0]
 
                 def single(result: Any, error: int, fut: asyncio.Future[tuple[Any, int]] = fut) -> None:
-                    loop.call_soon_threadsafe(_settle, fut, result, error)
+                    self.handoff.post(_settle, fut, result, error)
 
                 self._consumer.apply_command(blob, callback=single)
                 continue
@@ -511,7 +577,7 @@ class RaftLog(ConsensusLog):
             futures = [f for _, f in batch]
 
             def many(result: Any, error: int, futures: list[asyncio.Future[tuple[Any, int]]] = futures) -> None:
-                loop.call_soon_threadsafe(_settle_batch, futures, result, error)
+                self.handoff.post(_settle_batch, futures, result, error)
 
             self._consumer.apply_command(blob, callback=many)
 
