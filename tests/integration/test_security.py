@@ -264,6 +264,37 @@ def test_slowloris_is_disconnected(limited_agent: AgentProc) -> None:
         assert b"408" in sock.recv(4096)
 
 
+def test_head_deadline_on_a_kept_alive_connection(limited_agent: AgentProc) -> None:
+    """The 1 s head deadline restarts with each request: quick requests for longer than it and an idle
+    pause longer than it keep the connection, and a later slow head still gets its 408."""
+    request = b"GET /v1/status/leader HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def answer(sock: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data or not data.endswith(b'"'):
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+        return data
+
+    with socket.create_connection(("127.0.0.1", limited_agent.http_port), timeout=5) as sock:
+        deadline = time.monotonic() + 2.5
+        count = 0
+        while time.monotonic() < deadline:
+            sock.sendall(request)
+            assert answer(sock).startswith(b"HTTP/1.1 200"), count
+            count += 1
+            time.sleep(0.05)
+        time.sleep(1.5)  # idle between requests: the keep-alive timeout's business, not the head's
+        sock.sendall(request)
+        assert answer(sock).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        sock.sendall(b"GET /v1/status/leader HTTP/1.1\r\n")  # a head that never ends
+        sock.settimeout(4)
+        late = sock.recv(4096)
+        assert b"408" in late and time.monotonic() - start < 2.5, late
+
+
 def test_big_heads_and_bodies_are_refused(limited_agent: AgentProc) -> None:
     resp = httpx.get(limited_agent.url + "/v1/status/leader", headers={"X-Big": "a" * 20000})
     assert resp.status_code == 431
