@@ -12,6 +12,7 @@ Counters and samples are cumulative since the process started (Consul's are per 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import time
 from collections.abc import Iterator
@@ -26,10 +27,11 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -53,14 +55,6 @@ RAFT_LEADER_CHANGES = Counter(
     "lictor_raft_leader_changes", "Times this node observed a new Raft leader (including the first)",
     registry=REGISTRY,
 )
-HTTP_REQUESTS = Counter(
-    "lictor_http_requests", "HTTP requests answered, by route template",
-    ["method", "endpoint", "code"], registry=REGISTRY,
-)
-HTTP_SECONDS = Histogram(
-    "lictor_http_request_seconds", "HTTP request duration (blocking queries included), by route template",
-    ["method", "endpoint"], buckets=_HTTP_BUCKETS, registry=REGISTRY,
-)
 BLOCKING_IN_FLIGHT = Gauge(
     "lictor_blocking_queries_in_flight", "Blocking queries currently waiting for a change", registry=REGISTRY
 )
@@ -76,9 +70,6 @@ LOOP_LAG_HIST = Histogram(
 _METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 _STATUSES = frozenset({"passing", "warning", "critical", "maintenance"})
 _RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
-
-# Cached label children: `.labels()` takes a lock and builds a key; a dict hit is cheaper.
-_http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 # Check counts are bumped on the event loop only, thousands of times a second with many checks:
 # plain dict increments (~0.1 us, no lock) exported at scrape time, instead of prometheus
@@ -118,6 +109,55 @@ class _CheckCountsCollector:
 REGISTRY.register(_CheckCountsCollector())
 
 
+class HTTPStats:
+    """Requests per (method, route template, status) and a duration histogram per (method, route),
+    kept as plain numbers: each request bumps them once, and prometheus_client's labelled children
+    take a lock per increment and per bucket (~3 % of a cached read's CPU). Exported at scrape time
+    as `lictor_http_requests_total` and `lictor_http_request_seconds`."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts: dict[tuple[str, str, str], int] = {}
+        # per (method, endpoint): a count per bucket (not cumulative), one for +Inf, then the sum
+        self.durations: dict[tuple[str, str], list[float]] = {}
+
+    def observe(self, method: str, endpoint: str, code: int, seconds: float) -> None:
+        key = (method, endpoint, str(code))
+        self.counts[key] = self.counts.get(key, 0) + 1
+        slots = self.durations.get((method, endpoint))
+        if slots is None:
+            slots = self.durations[(method, endpoint)] = [0.0] * (len(self.buckets) + 2)
+        slots[bisect.bisect_left(self.buckets, seconds)] += 1  # a bucket counts values <= its bound
+        slots[-1] += seconds
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("lictor_http_requests", "HTTP requests answered, by route template",
+                                       labels=["method", "endpoint", "code"])
+        for labels, count in sorted(self.counts.copy().items()):
+            requests.add_metric(list(labels), count)
+        yield requests
+        seconds = HistogramMetricFamily(
+            "lictor_http_request_seconds", "HTTP request duration (blocking queries included), by route template",
+            labels=["method", "endpoint"],
+        )
+        for labels, slots in sorted(self.durations.copy().items()):
+            slots = list(slots)
+            cumulative, buckets = 0.0, []
+            for bound, count in zip(self.buckets, slots, strict=False):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            buckets.append(("+Inf", cumulative + slots[len(self.buckets)]))
+            seconds.add_metric(list(labels), buckets, sum_value=slots[-1])
+        yield seconds
+
+
+HTTP_STATS = HTTPStats(_HTTP_BUCKETS)
+REGISTRY.register(HTTP_STATS)
+
+
 def raft_applied(_index: int = 0) -> None:
     """A StateStore listener (called on the Raft tick thread; prometheus counters are thread-safe)."""
     RAFT_APPLY.inc()
@@ -153,15 +193,7 @@ class HTTPMetricsMiddleware:
             method = scope.get("method", "GET")
             if method not in _METHODS:
                 method = "OTHER"
-            key = (method, endpoint, status)
-            children = _http_children.get(key)
-            if children is None:
-                children = _http_children[key] = (
-                    HTTP_REQUESTS.labels(method, endpoint, str(status)),
-                    HTTP_SECONDS.labels(method, endpoint),
-                )
-            children[0].inc()
-            children[1].observe(time.perf_counter() - start)
+            HTTP_STATS.observe(method, endpoint, status, time.perf_counter() - start)
 
 
 # -- scrape-time state -----------------------------------------------------------------------

@@ -256,3 +256,38 @@ def test_gateway_request_metrics_are_plain_counts_rendered_at_scrape() -> None:
     off = _Metrics(enabled=False)  # no -metrics-port: nothing is kept
     off.count("web", 200, now)
     assert "lictor_gateway_requests_total{" not in off.render().decode()
+
+
+def test_http_stats_export_what_prometheus_client_would() -> None:
+    """The plain-number HTTP stats render the same buckets, counts and sums as a prometheus_client
+    Counter and Histogram fed the same requests (bounds included in their bucket)."""
+    from prometheus_client import generate_latest
+
+    rng = random.Random(7)
+    buckets = (0.001, 0.005, 0.01, 0.5, 1.0)
+    stats = metrics.HTTPStats(buckets)
+    reference = CollectorRegistry()
+    counter = Counter("lictor_http_requests", "HTTP requests answered, by route template",
+                      ["method", "endpoint", "code"], registry=reference)
+    hist = Histogram("lictor_http_request_seconds",
+                     "HTTP request duration (blocking queries included), by route template",
+                     ["method", "endpoint"], buckets=buckets, registry=reference)
+    for _ in range(500):
+        method, endpoint, code = rng.choice(["GET", "PUT"]), rng.choice(["/a", "/b/{x}"]), rng.choice([200, 404])
+        seconds = rng.choice([*buckets, 2.0, rng.uniform(0, 1.2)])
+        stats.observe(method, endpoint, code, seconds)
+        counter.labels(method, endpoint, str(code)).inc()
+        hist.labels(method, endpoint).observe(seconds)
+    ours = CollectorRegistry()
+    ours.register(stats)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        out = []
+        for line in generate_latest(registry).decode().splitlines():
+            if line.startswith("#") or "_created" in line:
+                continue
+            name, value = line.rsplit(" ", 1)
+            out.append(f"{name} {float(value):.9g}")
+        return sorted(out)
+
+    assert lines(ours) == lines(reference)
