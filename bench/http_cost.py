@@ -1,0 +1,158 @@
+"""Instructions per cached HTTP read on a dev agent, against a bare uvicorn app in the same run.
+
+    .venv/bin/python bench/http_cost.py                 # [--n 300] [--against OTHER_PYTHON] [--json out.json]
+
+Wall-clock CPU per request moves ±30 % on a shared VM from one minute to the next; instruction
+counts do not. Every process runs under `valgrind --tool=callgrind --instr-atstart=no`; counting is
+switched on after start-up, each endpoint gets 50 warm-up requests, then `--n` sequential keep-alive
+requests are counted (all threads: event loop, Raft tick, metrics). The baseline is the floor of the
+same stack: uvicorn with httptools and uvloop serving a fixed 2 KiB JSON body from a bare ASGI
+callable. `--against` also measures the lictor of another checkout (its venv's python) in the same
+run, for an A/B of two versions. Every process is started here and killed by pid on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import exit_on_sigterm, machine  # noqa: E402
+from procs import free_ports  # noqa: E402
+
+ENDPOINTS = ["/v1/kv/bench", "/v1/catalog/services", "/v1/health/service/web", "/v1/status/leader"]
+BARE_APP = """
+import sys, uvicorn
+BODY = b'{"bench":"' + b"x" * 2048 + b'"}'
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]})
+    await send({"type": "http.response.body", "body": BODY})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="httptools", loop="uvloop",
+            log_level="warning", access_log=False, lifespan="off")
+"""
+
+
+def callgrind_control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=300)
+
+
+def wait_ready(port: int, path: str, timeout: float = 300.0) -> None:
+    """Under valgrind a start takes a while: poll until `path` answers 200 with a non-empty body."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+            conn.close()
+            if resp.status == 200 and body not in (b"", b'""'):
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"nothing answered on port {port} within {timeout:.0f}s")
+
+
+def count(root: Path, pid: int, conn: http.client.HTTPConnection, path: str, n: int) -> float:
+    """Ir of all threads per request for `n` GETs of `path`."""
+    for _ in range(50):
+        conn.request("GET", path)
+        conn.getresponse().read()
+    callgrind_control(pid, "-z")
+    for _ in range(n):
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200, (path, resp.status)
+    before = set(root.glob(f"cg.{pid}.out.*"))
+    callgrind_control(pid, "-d")
+    total = 0
+    for dump in sorted(set(root.glob(f"cg.{pid}.out.*")) - before):
+        found = re.search(r"^(?:totals|summary): (\d+)", dump.read_text(errors="replace"), re.M)
+        assert found is not None, dump
+        total += int(found.group(1))
+    return total / n
+
+
+def valgrind(root: Path, argv: list[str]) -> subprocess.Popen:
+    # cwd: `python -m lictor.cli` run from a checkout would import that checkout's package first
+    return subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", "-q", "--separate-threads=yes",
+         f"--callgrind-out-file={root}/cg.%p.out", *argv],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root,
+    )
+
+
+def measure_lictor(python: str, n: int) -> dict[str, float]:
+    root = Path(tempfile.mkdtemp(prefix="lictor-httpcost-"))
+    (port,) = free_ports(1)
+    proc = valgrind(root, [python, "-m", "lictor.cli", "agent", "-dev", "-http-port", str(port), "-dns-port", "-1"])
+    try:
+        wait_ready(port, "/v1/status/leader")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("PUT", "/v1/kv/bench", body=b"v" * 64)
+        conn.getresponse().read()
+        for i in range(20):  # a health answer of 20 instances, a catalog of one name
+            service = {"Name": "web", "ID": f"web{i}", "Port": 1000 + i, "Tags": [f"t{i % 4}"]}
+            conn.request("PUT", "/v1/agent/service/register", body=json.dumps(service).encode())
+            conn.getresponse().read()
+        time.sleep(3)  # anti-entropy settles before anything is counted
+        callgrind_control(proc.pid, "-i", "on")
+        return {path: count(root, proc.pid, conn, path, n) for path in ENDPOINTS}
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def measure_bare(n: int) -> float:
+    root = Path(tempfile.mkdtemp(prefix="lictor-httpcost-bare-"))
+    (port,) = free_ports(1)
+    proc = valgrind(root, [sys.executable, "-c", BARE_APP, str(port)])
+    try:
+        wait_ready(port, "/")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        callgrind_control(proc.pid, "-i", "on")
+        return count(root, proc.pid, conn, "/", n)
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def main() -> int:
+    exit_on_sigterm()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=300, help="counted requests per endpoint")
+    parser.add_argument("--against", default="", help="python of another checkout's venv, measured too")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    print(f"# http_cost: {machine()}; {args.n} requests per endpoint", flush=True)
+    bare = measure_bare(args.n)
+    print(f"bare uvicorn + httptools app, 2 KiB JSON            {bare / 1e3:8.0f} k instructions/request", flush=True)
+    results: dict[str, dict[str, float]] = {"this": measure_lictor(sys.executable, args.n)}
+    if args.against:
+        results["against"] = measure_lictor(args.against, args.n)
+    for path in ENDPOINTS:
+        ours = results["this"][path]
+        line = f"lictor GET {path:40s} {ours / 1e3:8.0f} k  ({ours / bare:.2f}x the bare app)"
+        if args.against:
+            other = results["against"][path]
+            line += f"   against: {other / 1e3:.0f} k, this/against {ours / other:.3f}"
+        print(line, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "n": args.n, "bare": bare, **results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
