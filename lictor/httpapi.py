@@ -84,7 +84,7 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
     return b"".join(chunks)
 
 
-@dataclass
+@dataclass(frozen=True)
 class QueryOptions:
     index: int
     wait: float
@@ -92,7 +92,12 @@ class QueryOptions:
     stale: bool
 
 
+NO_QUERY_OPTIONS = QueryOptions(index=0, wait=DEFAULT_WAIT, consistent=False, stale=False)
+
+
 def query_options(request: Request) -> QueryOptions:
+    if not request.scope.get("query_string"):
+        return NO_QUERY_OPTIONS  # most reads: no query string to parse
     params = request.query_params
     index = 0
     if params.get("index"):
