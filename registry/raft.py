@@ -134,10 +134,10 @@ class TickHandoff:
     Waking the loop from the tick thread (`call_soon_threadsafe`: an eventfd write) makes the loop
     thread runnable while the tick thread still holds the GIL; the loop thread then blocks on the
     GIL until the tick thread lets go. Measured on a 2-vCPU VM, one such wake-up costs 20-80 µs of
-    GIL-held time, and on a follower the change-feed wake-up was a quarter of the Raft work per
-    write. Posted from inside a tick (apply results, change notifications), they are collected and
-    sent together by `flush`, which pysyncobj calls as the last step before its poll() — where the
-    GIL is released, so the loop thread can take it at once.
+    GIL-held time, and py-spy put a quarter of a follower's GIL-held time during sequential writes
+    in the change-feed wake-up (its CPU cost measured much smaller). Posted from inside a tick (apply
+    results, change notifications), they are collected and sent together by `flush`, which pysyncobj
+    calls as the last step before its poll(), where the GIL is released.
     """
 
     def __init__(self) -> None:
