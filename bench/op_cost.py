@@ -1,17 +1,21 @@
 """CPU per API operation across the whole cluster (issue #9's soak: where its CPU goes).
 
-    .venv/bin/python bench/op_cost.py            # [--n 1000]
+    .venv/bin/python bench/op_cost.py            # [--n 1000] [--concurrency 1,8,32]
 
 Starts 3 servers and 2 client agents on loopback, fills the catalog the soak reads (540 services
 of 5 names from 180 "clients"), then runs each operation `--n` times from one sequential keep-alive
 client and reports the wall time per operation and the CPU (utime+stime of every process) it cost
 each process. The baseline beside each write is the read it is compared with: a KV GET at the
-same server. Every process is started here and killed by pid on exit.
+same server. `--concurrency` adds KV PUT rows at the leader and at a follower from that many
+concurrent keep-alive clients: a Raft entry's fixed cost is shared only by writes that meet, so the
+CPU per write depends on how many arrive together. Every process is started here and killed by pid
+on exit.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import random
@@ -22,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_seconds, exit_on_sigterm, machine  # noqa: E402
+from common import RawConn, cpu_seconds, exit_on_sigterm, machine  # noqa: E402
 from procs import AgentProc, Cluster  # noqa: E402
 from soak import SERVICE_NAMES, start_client_agents  # noqa: E402
 
@@ -64,10 +68,46 @@ def measure(procs: dict[str, AgentProc], label: str, n: int, op: Callable[[int],
     return {"wall_ms": wall * 1e3, "cpu_ms": total, **{f"cpu_ms_{k}": v for k, v in per_process.items()}}
 
 
+def concurrent_puts(procs: dict[str, AgentProc], target: str, clients: int, n: int, prefix: str
+                    ) -> dict[str, float]:
+    """`n` KV PUTs at `target` from `clients` concurrent keep-alive connections, n / clients each."""
+    per = max(1, n // clients)
+
+    async def run() -> float:
+        conns = [RawConn("127.0.0.1", procs[target].http_port) for _ in range(clients)]
+
+        async def one(k: int) -> None:
+            for i in range(per):
+                status, _, _ = await conns[k].request("PUT", f"/v1/kv/{prefix}/{k}/{i}", b"v")
+                assert status == 200, status
+
+        start = time.monotonic()
+        try:
+            await asyncio.gather(*(one(k) for k in range(clients)))
+        finally:
+            for conn in conns:
+                conn.close()
+        return time.monotonic() - start
+
+    time.sleep(1.0)
+    before = cpu_by_process(procs)
+    wall = asyncio.run(run())
+    time.sleep(0.5)
+    after = cpu_by_process(procs)
+    total_ops = per * clients
+    per_process = {name: (after[name] - before[name]) / total_ops * 1e3 for name in before}
+    parts = ", ".join(f"{name} {ms:.2f}" for name, ms in per_process.items() if ms >= 0.02)
+    label = f"PUT /v1/kv/<key> at {target}, {clients} concurrent"
+    print(f"{label:48s} {total_ops / wall:6.0f} /s     CPU {sum(per_process.values()):5.2f} ms/op  ({parts})", flush=True)
+    return {"ops_per_s": total_ops / wall, "cpu_ms": sum(per_process.values()),
+            **{f"cpu_ms_{k}": v for k, v in per_process.items()}}
+
+
 def main() -> int:
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="operations per row")
+    parser.add_argument("--concurrency", default="", help="comma-separated client counts for concurrent PUT rows")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="lictor-opcost-"))
@@ -114,6 +154,10 @@ def main() -> int:
             client.request("c1", "PUT", "/v1/agent/service/register", json.dumps(service).encode())
 
         row("deregister + register via c1 (one pair)", n // 2, replace)
+        for clients in [int(c) for c in args.concurrency.split(",") if c.strip()]:
+            for target in (leader, follower):
+                results[f"PUT at {target}, {clients} concurrent"] = concurrent_puts(
+                    procs, target, clients, 2 * n, f"cost/c{clients}-{target}")
         if args.json:
             Path(args.json).write_text(json.dumps({"machine": machine(), "leader": leader, "rows": results}, indent=1))
     finally:
