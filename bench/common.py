@@ -13,6 +13,8 @@ import asyncio
 import datetime as _dt
 import os
 import platform
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -189,3 +191,28 @@ def free_ports_safe(count: int) -> list[int]:
     from procs import free_ports
 
     return free_ports(count)
+
+
+# -- callgrind (this VM has no hardware counters: instructions come from valgrind) --------------------
+
+
+def callgrind_control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=300)
+
+
+def callgrind_dump(root: Path, pid: int) -> tuple[int, int, list[Path]]:
+    """Dump `pid`'s counters (callgrind then zeroes them): (Ir of all threads, Ir of the main thread, files).
+
+    Threads are dumped apart (`--separate-threads=yes`): thread 1 is the event loop, the others the
+    exporter (and any worker) threads."""
+    before = set(root.glob(f"cg.{pid}.out.*"))
+    callgrind_control(pid, "-d")
+    files = sorted(set(root.glob(f"cg.{pid}.out.*")) - before)
+    total = main = 0
+    for f in files:
+        m = re.search(r"^(?:totals|summary): (\d+)", f.read_text(errors="replace"), re.M)
+        assert m is not None, f
+        total += int(m.group(1))
+        if f.name.endswith("-01"):
+            main += int(m.group(1))
+    return total, main, files

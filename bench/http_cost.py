@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import exit_on_sigterm, machine  # noqa: E402
+from common import callgrind_control, callgrind_dump, exit_on_sigterm, machine  # noqa: E402
 from procs import free_ports  # noqa: E402
 
 ENDPOINTS = ["/v1/kv/bench", "/v1/catalog/services", "/v1/health/service/web", "/v1/status/leader"]
@@ -40,10 +39,6 @@ async def app(scope, receive, send):
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="httptools", loop="uvloop",
             log_level="warning", access_log=False, lifespan="off")
 """
-
-
-def callgrind_control(pid: int, *args: str) -> None:
-    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=300)
 
 
 def wait_ready(port: int, path: str, timeout: float = 300.0) -> None:
@@ -75,13 +70,7 @@ def count(root: Path, pid: int, conn: http.client.HTTPConnection, path: str, n: 
         resp = conn.getresponse()
         resp.read()
         assert resp.status == 200, (path, resp.status)
-    before = set(root.glob(f"cg.{pid}.out.*"))
-    callgrind_control(pid, "-d")
-    total = 0
-    for dump in sorted(set(root.glob(f"cg.{pid}.out.*")) - before):
-        found = re.search(r"^(?:totals|summary): (\d+)", dump.read_text(errors="replace"), re.M)
-        assert found is not None, dump
-        total += int(found.group(1))
+    total, _main, _files = callgrind_dump(root, pid)
     return total / n
 
 

@@ -52,20 +52,30 @@ def cpu_by_process(procs: dict[str, AgentProc]) -> dict[str, float]:
     return {name: cpu_seconds(p.proc.pid) for name, p in procs.items() if p.proc is not None}
 
 
-def measure(procs: dict[str, AgentProc], label: str, n: int, op: Callable[[int], None]) -> dict[str, float]:
+def cpu_per_op(procs: dict[str, AgentProc], n: int, work: Callable[[], None]) -> tuple[float, dict[str, float], str]:
+    """Run `work` (n operations) between two CPU samples of every process: (wall seconds, ms of CPU
+    per operation by process, the non-trivial shares as text)."""
     time.sleep(1.0)  # let the previous operation's replication and anti-entropy settle
     before = cpu_by_process(procs)
     start = time.monotonic()
-    for i in range(n):
-        op(i)
-    wall = (time.monotonic() - start) / n
+    work()
+    wall = time.monotonic() - start
     time.sleep(0.5)  # followers apply and answer after the client got its reply
     after = cpu_by_process(procs)
     per_process = {name: (after[name] - before[name]) / n * 1e3 for name in before}
-    total = sum(per_process.values())
     parts = ", ".join(f"{name} {ms:.2f}" for name, ms in per_process.items() if ms >= 0.02)
-    print(f"{label:48s} {wall * 1e3:6.2f} ms wall   CPU {total:5.2f} ms/op  ({parts})", flush=True)
-    return {"wall_ms": wall * 1e3, "cpu_ms": total, **{f"cpu_ms_{k}": v for k, v in per_process.items()}}
+    return wall, per_process, parts
+
+
+def measure(procs: dict[str, AgentProc], label: str, n: int, op: Callable[[int], None]) -> dict[str, float]:
+    def work() -> None:
+        for i in range(n):
+            op(i)
+
+    wall, per_process, parts = cpu_per_op(procs, n, work)
+    total = sum(per_process.values())
+    print(f"{label:48s} {wall / n * 1e3:6.2f} ms wall   CPU {total:5.2f} ms/op  ({parts})", flush=True)
+    return {"wall_ms": wall / n * 1e3, "cpu_ms": total, **{f"cpu_ms_{k}": v for k, v in per_process.items()}}
 
 
 def concurrent_puts(procs: dict[str, AgentProc], target: str, clients: int, n: int, prefix: str
@@ -73,7 +83,7 @@ def concurrent_puts(procs: dict[str, AgentProc], target: str, clients: int, n: i
     """`n` KV PUTs at `target` from `clients` concurrent keep-alive connections, n / clients each."""
     per = max(1, n // clients)
 
-    async def run() -> float:
+    async def run() -> None:
         conns = [RawConn("127.0.0.1", procs[target].http_port) for _ in range(clients)]
 
         async def one(k: int) -> None:
@@ -81,22 +91,14 @@ def concurrent_puts(procs: dict[str, AgentProc], target: str, clients: int, n: i
                 status, _, _ = await conns[k].request("PUT", f"/v1/kv/{prefix}/{k}/{i}", b"v")
                 assert status == 200, status
 
-        start = time.monotonic()
         try:
             await asyncio.gather(*(one(k) for k in range(clients)))
         finally:
             for conn in conns:
                 conn.close()
-        return time.monotonic() - start
 
-    time.sleep(1.0)
-    before = cpu_by_process(procs)
-    wall = asyncio.run(run())
-    time.sleep(0.5)
-    after = cpu_by_process(procs)
     total_ops = per * clients
-    per_process = {name: (after[name] - before[name]) / total_ops * 1e3 for name in before}
-    parts = ", ".join(f"{name} {ms:.2f}" for name, ms in per_process.items() if ms >= 0.02)
+    wall, per_process, parts = cpu_per_op(procs, total_ops, lambda: asyncio.run(run()))
     label = f"PUT /v1/kv/<key> at {target}, {clients} concurrent"
     print(f"{label:48s} {total_ops / wall:6.0f} /s     CPU {sum(per_process.values()):5.2f} ms/op  ({parts})", flush=True)
     return {"ops_per_s": total_ops / wall, "cpu_ms": sum(per_process.values()),

@@ -83,6 +83,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import callgrind_control, callgrind_dump  # noqa: E402
 from gateway_bench import ensure_tools, nginx_bin, start_nginx, wait_port, write, wrk  # noqa: E402
 from procs import AgentProc, wait_until  # noqa: E402
 from procs import free_ports as _free_ports  # noqa: E402
@@ -262,28 +263,6 @@ def fixed_load(port: int, host: str | None, requests: int, connections: int) -> 
 
     with ThreadPoolExecutor(connections) as pool:
         list(pool.map(one, [c for c in counts if c]))
-
-
-def callgrind_control(pid: int, *args: str) -> None:
-    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=120)
-
-
-def callgrind_dump(root: Path, pid: int) -> tuple[int, int, list[Path]]:
-    """Dump `pid`'s counters (callgrind then zeroes them): (Ir of all threads, Ir of the main thread, files).
-
-    Threads are dumped apart (`--separate-threads=yes`): thread 1 is the event loop, the others the
-    exporter (and any worker) threads."""
-    before = set(root.glob(f"cg.{pid}.out.*"))
-    callgrind_control(pid, "-d")
-    files = sorted(set(root.glob(f"cg.{pid}.out.*")) - before)
-    total = main = 0
-    for f in files:
-        m = re.search(r"^(?:totals|summary): (\d+)", f.read_text(errors="replace"), re.M)
-        assert m is not None, f
-        total += int(m.group(1))
-        if f.name.endswith("-01"):
-            main += int(m.group(1))
-    return total, main, files
 
 
 def callgrind_run(args: argparse.Namespace, root: Path, names: list[str],

@@ -14,11 +14,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Match, Route, Router
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 MAX_CACHED_KEYS = 1024  # request paths choose the keys: keep the table bounded
 
@@ -125,10 +126,11 @@ class DirectApp:
     status, as Starlette's would. Everything else (404, 405, redirects) is the app's.
     """
 
-    def __init__(self, app: ASGIApp, router: IndexedRouter, exception_handlers: dict[Any, Any]) -> None:
+    def __init__(self, app: Starlette) -> None:
+        assert isinstance(app.router, IndexedRouter), "DirectApp needs the app's router to be an IndexedRouter"
         self.app = app
-        self.router = router
-        self.exception_handlers = exception_handlers
+        self.router = app.router
+        self.exception_handlers = app.exception_handlers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self.router.direct_match(scope) if scope["type"] == "http" and not scope.get("root_path") else None

@@ -86,7 +86,7 @@ class Agent:
 
             self.server = ServerAgent(config)
             self.app.router.routes.extend(self.server.routes())
-        asgi = NotReadyMiddleware(DirectApp(self.app, self.app.router, self.app.exception_handlers), self.is_ready)
+        asgi = NotReadyMiddleware(DirectApp(self.app), self.is_ready)
         from lictor import limits  # ACLs and request limits (issue #9)
 
         # Metrics outermost, so requests refused by limits/ACLs (429, 403) are counted too.

@@ -137,7 +137,7 @@ def test_direct_app_calls_handlers_and_falls_back_to_starlette() -> None:
     app = Starlette(exception_handlers=handlers)
     app.router = IndexedRouter(routes=[Route("/v1/kv/{key:path}", echo, methods=["GET", "PUT"]),
                                        Route("/v1/teapot", teapot), Route("/v1/gone", gone)])
-    direct = DirectApp(app, app.router, app.exception_handlers)
+    direct = DirectApp(app)
 
     async def run() -> list[tuple[int, str]]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=direct), base_url="http://t") as client:
