@@ -18,7 +18,9 @@ The killed client agent is started again after the load (its registrations are i
 store), so its acknowledged registrations count too. Load: `--clients` asyncio clients; 10 % of
 them run blocking queries, the others loop over KV writes with unique keys (30 %), agent service
 registrations/deregistrations on client agents (20 %) and catalog/health/KV reads (50 %), sleeping
-a random 0.5x-1.5x `--think` between requests. Every process is started here and killed by pid on exit.
+a random 0.5x-1.5x `--think` between requests. The blocking-query clients run in a process of their
+own (`--one-process` keeps them in the readers' event loop, as before 2026-12-04). Every process is
+started here and killed by pid on exit.
 """
 
 from __future__ import annotations
@@ -74,9 +76,13 @@ class State:
     blocking_returns: int = 0
     services_per_client: int = 3
     events: list[tuple[float, str]] = field(default_factory=list)
+    baseline_by: dict[str, list[float]] = field(default_factory=dict)  # the last unloaded_reads(), by path
 
     def live(self, names: list[str] | None = None) -> list[str]:
         return [n for n in (names or list(self.targets)) if self.targets[n].alive()]
+
+    def failed(self, target: str) -> None:
+        """A request to `target` failed; here a process's liveness is known from its pid."""
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -224,7 +230,8 @@ class Client:
                 status, headers, _ = await conn.request("GET", f"{path}{sep}index={index}&wait=3s", timeout=10)
             except Exception:  # noqa: BLE001
                 st.count(st.errors, "blocking")
-                target, index = random.choice(st.live()), "0"
+                st.failed(target)
+                target, index = random.choice(st.live() or list(st.targets)), "0"
                 await asyncio.sleep(0.2)
                 continue
             if status == 200:
@@ -239,6 +246,86 @@ class Client:
     def close(self) -> None:
         for conn in self.conns.values():
             conn.close()
+
+
+class RemoteTarget:
+    """A server or agent as the watcher process sees it: its port, and down for a second after a
+    failed request (the process that killed it is the parent)."""
+
+    def __init__(self, name: str, http_port: int) -> None:
+        self.name, self.http_port, self.down_until = name, http_port, 0.0
+
+    def alive(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+
+class WatcherState(State):
+    def failed(self, target: str) -> None:
+        self.targets[target].down_until = time.monotonic() + 1.0
+
+
+async def watchers_child(spec: dict[str, Any]) -> None:
+    """The blocking-query clients in a process of their own, as they would run on other hosts: a
+    registration returns ~a dozen of them at once, and parsing those answers in the readers' event
+    loop delayed the reads measured there (its loop lag p99 1.2-1.5 ms with them, about the
+    unloaded read p99). Protocol on stdin/stdout: "ready" -> "go" -> "stop" -> one JSON line."""
+    random.seed(spec.get("seed"))
+    state = WatcherState({n: RemoteTarget(n, port) for n, port in spec["targets"].items()}, [])
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    print("ready", flush=True)
+    await reader.readline()  # "go"
+    cpu0 = time.process_time()
+    lags: list[float] = []
+    lag_task = asyncio.create_task(loop_lag(state, lags))
+    tasks = [asyncio.create_task(Client(state, w).watch()) for w in range(spec["count"])]
+    await reader.readline()  # "stop" (or EOF: the parent is gone)
+    state.stop = True
+    cpu = time.process_time() - cpu0
+    await asyncio.wait(tasks, timeout=15)
+    lag_task.cancel()
+    print(json.dumps({"blocking_returns": state.blocking_returns, "errors": state.errors, "cpu_seconds": cpu,
+                      "loop_lag_ms": {"p50": pct(lags, 50) * 1e3, "p99": pct(lags, 99) * 1e3,
+                                      "max": max(lags, default=0) * 1e3}}), flush=True)
+
+
+class WatcherProcess:
+    """The parent's handle on the watcher process."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, targets: dict[str, AgentProc], count: int) -> WatcherProcess:
+        spec = {"targets": {n: p.http_port for n, p in targets.items()}, "count": count, "seed": random.random()}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).resolve()), "--watchers-child", json.dumps(spec),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if line.strip() != b"ready":
+            proc.kill()
+            raise RuntimeError(f"watcher process did not start: {line!r}")
+        return cls(proc)
+
+    def send(self, word: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(word.encode() + b"\n")
+
+    async def finish(self) -> dict[str, Any]:
+        self.send("stop")
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
+            await asyncio.wait_for(self.proc.wait(), 10)
+        finally:
+            if self.proc.returncode is None:
+                self.proc.kill()
+        return json.loads(line)
 
 
 def run_queue_wait_seconds(pid: int) -> float:
@@ -276,7 +363,7 @@ class PerName:
 
 
 async def sample_rss(state: State, procs: list[AgentProc], samples: dict[str, list[tuple[float, int]]],
-                     cpu: PerName, waits: PerName) -> None:
+                     cpu: PerName, waits: PerName, watcher_pid: int = 0) -> None:
     """RSS every second, CPU seconds and run-queue wait per process name."""
     while not state.stop:
         now = time.monotonic() - state.t0
@@ -290,6 +377,11 @@ async def sample_rss(state: State, procs: list[AgentProc], samples: dict[str, li
                 except OSError:
                     continue
         waits.update("load generator", 0, run_queue_wait_seconds(os.getpid()))
+        if watcher_pid:
+            try:
+                waits.update("watcher process", watcher_pid, run_queue_wait_seconds(watcher_pid))
+            except OSError:
+                pass
         await asyncio.sleep(1.0)
 
 
@@ -335,11 +427,22 @@ async def unloaded_reads(state: State, secs: float, workers: int = 8) -> list[fl
     state.read_kinds.clear()
     await asyncio.gather(*(one(w) for w in range(workers)))
     latencies = [lat for _, lat in state.reads]
+    state.baseline_by = by_path(state.reads, state.read_kinds)
     state.reads.clear()
     state.read_kinds.clear()
     state.ok.clear()
     state.errors.clear()
     return latencies
+
+
+def by_path(reads: list[tuple[float, float]], kinds: list[tuple[str, str]]) -> dict[str, list[float]]:
+    """Read latencies grouped by the hop (a server, or a client agent that forwards) and by endpoint."""
+    by: dict[str, list[float]] = {}
+    for (_, lat), (target, endpoint) in zip(reads, kinds, strict=True):
+        kind = "server" if target.startswith("s") else "client agent"
+        by.setdefault(f"via {kind}", []).append(lat)
+        by.setdefault(endpoint if "/health/" not in endpoint else "/v1/health/service/<name>", []).append(lat)
+    return by
 
 
 def start_client_agents(root: Path, cluster: Cluster, count: int) -> list[AgentProc]:
@@ -392,11 +495,11 @@ def verify(state: State, servers: list[AgentProc], timeout: float = 60.0) -> dic
 
 async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think: float = 0.5,
                    restart_signal: str = "kill", baseline_secs: float = 4.0, faults_on: bool = True,
-                   watch_share: float = 0.1) -> dict[str, Any]:
+                   watch_share: float = 0.1, watchers_process: bool = True) -> dict[str, Any]:
     cluster = Cluster(root, 3)
     agents: list[AgentProc] = []
     out: dict[str, Any] = {"machine": machine(), "duration": duration, "clients": clients, "think": think,
-                           "restart_signal": restart_signal}
+                           "restart_signal": restart_signal, "watchers_process": watchers_process}
     try:
         await asyncio.to_thread(cluster.start, 60)
         agents = await asyncio.to_thread(start_client_agents, root, cluster, 2)
@@ -431,11 +534,18 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
 
         rss: dict[str, list[tuple[float, int]]] = {}
         cpu, waits = PerName(), PerName()
+        watcher_proc = await WatcherProcess.start(targets, watchers) if watchers_process and watchers else None
         state.t0 = time.monotonic()
         out["t0_wall"] = time.time()  # to line the raw reads up with outside samplers
-        tasks = [asyncio.create_task(Client(state, w).watch()) for w in range(watchers)]
+        if watcher_proc is not None:
+            watcher_proc.send("go")
+            watcher_cpu0 = cpu_seconds(watcher_proc.proc.pid)
+            tasks = []
+        else:
+            tasks = [asyncio.create_task(Client(state, w).watch()) for w in range(watchers)]
         tasks += [asyncio.create_task(c.run(think)) for c in load_clients]
-        sampler = asyncio.create_task(sample_rss(state, cluster.servers + agents, rss, cpu, waits))
+        sampler = asyncio.create_task(sample_rss(state, cluster.servers + agents, rss, cpu, waits,
+                                                 watcher_proc.proc.pid if watcher_proc else 0))
         lags: list[float] = []
         lag_task = asyncio.create_task(loop_lag(state, lags))
         gen_cpu0 = time.process_time()
@@ -470,7 +580,15 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         out["cpu_cores_during_load"] = {name: secs / duration for name, secs in cpu.totals().items()}
         out["run_queue_wait_cores_during_load"] = {name: secs / duration for name, secs in waits.totals().items()}
         out["cpu_cores_during_load"]["load generator"] = (time.process_time() - gen_cpu0) / duration
+        if watcher_proc is not None:
+            out["cpu_cores_during_load"]["watcher process"] = (cpu_seconds(watcher_proc.proc.pid) - watcher_cpu0) / duration
         state.stop = True
+        if watcher_proc is not None:
+            watched = await watcher_proc.finish()
+            state.blocking_returns += watched["blocking_returns"]
+            for key, n in watched["errors"].items():
+                state.errors[key] = state.errors.get(key, 0) + n
+            out["watcher_loop_lag_ms"] = watched["loop_lag_ms"]
         await fault_task
         await asyncio.wait(tasks, timeout=15)
         sampler.cancel()
@@ -483,11 +601,9 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         reads = [lat for _, lat in state.reads]
         calm = [lat for t, lat in state.reads if not any(t_ev <= t < t_ev + 5 for t_ev, _ in state.events)]
         writes = [lat for _, lat in state.writes]
-        by: dict[str, list[float]] = {}
-        for (_, lat), (target, endpoint) in zip(state.reads, state.read_kinds, strict=True):
-            kind = "server" if target.startswith("s") else "client agent"
-            by.setdefault(f"via {kind}", []).append(lat)
-            by.setdefault(endpoint if "/health/" not in endpoint else "/v1/health/service/<name>", []).append(lat)
+        unloaded_by = state.baseline_by
+        by = by_path(state.reads, state.read_kinds)
+        out["unloaded_read_p99_ms_by"] = {k: (len(v), pct(v, 99) * 1e3) for k, v in sorted(unloaded_by.items())}
         timeline: dict[int, list[float]] = {}
         for t, lat in state.reads:
             timeline.setdefault(int(t // 5) * 5, []).append(lat)
@@ -582,10 +698,17 @@ def report(out: dict[str, Any]) -> None:
     print(f"cores used by the after-load baseline (box busy {out['box_busy_cores_after_load']:.2f}): "
           + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_cores_after_load"].items()))
     print("read p99 by target/endpoint: " + ", ".join(f"{k} {v[1]:.1f} ms (n={v[0]})" for k, v in out["read_p99_ms_by"].items()))
+    if "unloaded_read_p99_ms_by" in out:
+        print("unloaded read p99 by target/endpoint: "
+              + ", ".join(f"{k} {v[1]:.1f} ms (n={v[0]})" for k, v in out["unloaded_read_p99_ms_by"].items()))
     print("read p99 per 5 s: " + ", ".join(f"{t}s {v[1]:.0f}" for t, v in out["read_p99_ms_per_5s"].items()))
     lag = out["generator_loop_lag_ms"]
     print(f"load generator's event-loop lag (in every measured latency): p50 {lag['p50']:.1f} / p99 {lag['p99']:.1f} / "
           f"max {lag['max']:.1f} ms")
+    if "watcher_loop_lag_ms" in out:
+        lag = out["watcher_loop_lag_ms"]
+        print(f"blocking queries ran in their own process; its event-loop lag: p50 {lag['p50']:.1f} / "
+              f"p99 {lag['p99']:.1f} / max {lag['max']:.1f} ms")
     print(f"events: {out['events']}")
     print(f"invariants: no acked write lost={inv['no_acked_write_lost']}  memory bounded={inv['memory_bounded']}  "
           f"read p99 ratio={inv['read_p99_ratio']:.2f} (within 2x: {inv['read_p99_within_2x']})")
@@ -599,17 +722,24 @@ def main() -> int:
     parser.add_argument("--restart-signal", choices=["kill", "term"], default="kill")
     parser.add_argument("--no-faults", action="store_true", help="the same load with nothing killed (diagnosis)")
     parser.add_argument("--watch-share", type=float, default=0.1, help="share of clients running blocking queries")
+    parser.add_argument("--one-process", action="store_true",
+                        help="run the blocking-query clients in the load generator's own event loop (as before session 7)")
+    parser.add_argument("--watchers-child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--json", default="")
     parser.add_argument("--root", default="")
     args = parser.parse_args()
     exit_on_sigterm()
     loop_name = install_uvloop()
+    if args.watchers_child:
+        asyncio.run(watchers_child(json.loads(args.watchers_child)))
+        return 0
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="lictor-soak-", dir=args.root or None) as tmp:
         log(f"soak: loop={loop_name}, root={tmp}")
         out = asyncio.run(run_soak(Path(tmp), args.duration, args.clients, args.think, args.restart_signal,
-                                   faults_on=not args.no_faults, watch_share=args.watch_share))
+                                   faults_on=not args.no_faults, watch_share=args.watch_share,
+                                   watchers_process=not args.one_process))
     report(out)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
