@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from common import callgrind_control, callgrind_dump, exit_on_sigterm, machine  
 from procs import free_ports  # noqa: E402
 
 ENDPOINTS = ["/v1/kv/bench", "/v1/catalog/services", "/v1/health/service/web", "/v1/status/leader"]
+BLOCKING = "blocking round of /v1/catalog/services"  # a watcher's answer plus its re-armed request
 BARE_APP = """
 import sys, uvicorn
 BODY = b'{"bench":"' + b"x" * 2048 + b'"}'
@@ -98,10 +100,74 @@ def measure_lictor(python: str, n: int) -> dict[str, float]:
             conn.getresponse().read()
         time.sleep(3)  # anti-entropy settles before anything is counted
         callgrind_control(proc.pid, "-i", "on")
-        return {path: count(root, proc.pid, conn, path, n) for path in ENDPOINTS}
+        out = {path: count(root, proc.pid, conn, path, n) for path in ENDPOINTS}
+        out[BLOCKING] = blocking_round(root, proc.pid, port, conn)
+        return out
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def blocking_round(root: Path, pid: int, port: int, conn: http.client.HTTPConnection,
+                   watchers: int = 4, writes: int = 40) -> float:
+    """Ir per blocking-query round: `writes` catalog registrations counted with `watchers` parked
+    blocking queries on /v1/catalog/services (each write answers every one of them, and each re-arms),
+    minus the same writes counted with no watcher, divided by the rounds the watchers saw."""
+    stop = threading.Event()
+    rounds = [0] * watchers
+    seen = [0] * watchers
+
+    def watch(slot: int) -> None:
+        wconn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        index = 0
+        while not stop.is_set():
+            wconn.request("GET", f"/v1/catalog/services?index={index}&wait=120s")
+            resp = wconn.getresponse()
+            resp.read()
+            index = int(resp.headers.get("X-Consul-Index", "0"))
+            seen[slot] = index
+            rounds[slot] += 1
+        wconn.close()
+
+    def write(i: int) -> int:
+        body = {"Node": "bench-blocking", "Address": "127.0.0.1", "Service": {"Service": f"blk{i}", "ID": f"blk{i}"}}
+        conn.request("PUT", "/v1/catalog/register", body=json.dumps(body).encode())
+        resp = conn.getresponse()
+        resp.read()
+        conn.request("GET", "/v1/catalog/services")
+        resp = conn.getresponse()
+        resp.read()
+        return int(resp.headers["X-Consul-Index"])
+
+    def settle(index: int) -> None:
+        deadline = time.monotonic() + 120
+        while min(seen) < index and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # under valgrind: let every watcher's next request park before the next write
+
+    threads = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(watchers)]
+    for t in threads:
+        t.start()
+    settle(write(0))
+    callgrind_control(pid, "-z")
+    start_rounds = sum(rounds)
+    for i in range(1, writes + 1):
+        settle(write(i))
+    with_watchers, _main, _files = callgrind_dump(root, pid)
+    counted = sum(rounds) - start_rounds
+    stop.set()
+    settle(write(writes + 1))
+    for t in threads:
+        t.join(60)
+    for i in range(writes + 2, 2 * writes + 2):  # the same writes, nobody watching
+        write(i)
+        time.sleep(0.5)
+    callgrind_control(pid, "-z")
+    for i in range(2 * writes + 2, 3 * writes + 2):
+        write(i)
+        time.sleep(0.5)
+    alone, _main, _files = callgrind_dump(root, pid)
+    return (with_watchers - alone) / max(counted, 1)
 
 
 def measure_bare(n: int) -> float:
@@ -131,7 +197,7 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {"this": measure_lictor(sys.executable, args.n)}
     if args.against:
         results["against"] = measure_lictor(args.against, args.n)
-    for path in ENDPOINTS:
+    for path in [*ENDPOINTS, BLOCKING]:
         ours = results["this"][path]
         line = f"lictor GET {path:40s} {ours / 1e3:8.0f} k  ({ours / bare:.2f}x the bare app)"
         if args.against:

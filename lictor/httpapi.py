@@ -139,8 +139,12 @@ async def blocking(
 
     `stamp`, if given, is a cheap value that changes whenever `read`'s answer may; while it holds,
     changes elsewhere in the state don't wake this query at all (see ChangeFeed._release)."""
+    if not opts.index:
+        return read()
+    generation = feed.generation
+    seen = stamp() if stamp is not None else None  # before the read: a change between is seen
     index, data = read()
-    if not opts.index or index > opts.index:
+    if index > opts.index:
         return index, data
     loop = asyncio.get_running_loop()
     # Jitter up to wait/16 spreads the herd of watchers that all time out together.
@@ -148,14 +152,16 @@ async def blocking(
     metrics.BLOCKING_IN_FLIGHT.inc()
     try:
         while True:
-            generation = feed.generation
-            seen = stamp() if stamp is not None else None  # before the read: a change between is seen
-            index, data = read()
             remaining = deadline - loop.time()
-            if index > opts.index or remaining <= 0 or getattr(feed, "closed", False):
+            if remaining <= 0 or getattr(feed, "closed", False):
                 return index, data
             unchanged = (lambda seen=seen: stamp() == seen) if stamp is not None else None
             await feed.wait(generation, remaining, unchanged)
+            generation = feed.generation
+            seen = stamp() if stamp is not None else None
+            index, data = read()
+            if index > opts.index:
+                return index, data
     finally:
         metrics.BLOCKING_IN_FLIGHT.dec()
 

@@ -55,9 +55,24 @@ RAFT_LEADER_CHANGES = Counter(
     "lictor_raft_leader_changes", "Times this node observed a new Raft leader (including the first)",
     registry=REGISTRY,
 )
-BLOCKING_IN_FLIGHT = Gauge(
+class InFlight:
+    """A count kept as a plain integer (event-loop only, so no lock) and read at scrape time: a
+    prometheus_client Gauge takes a lock per inc and dec, twice per blocking-query round."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def inc(self) -> None:
+        self.count += 1
+
+    def dec(self) -> None:
+        self.count -= 1
+
+
+BLOCKING_IN_FLIGHT = InFlight()
+Gauge(
     "lictor_blocking_queries_in_flight", "Blocking queries currently waiting for a change", registry=REGISTRY
-)
+).set_function(lambda: BLOCKING_IN_FLIGHT.count)
 LOOP_LAG = Gauge(
     "lictor_event_loop_lag_seconds", "Oversleep of the last 0.25 s event-loop probe (loop responsiveness)",
     registry=REGISTRY,

@@ -278,15 +278,23 @@ class ChangeFeed:
             return
         if self.generation != generation or timeout <= 0:
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._waiters.append((fut, unchanged))
+        # A timer that settles the future, not wait_for(shield(...)): those wrap it in two more
+        # futures and callbacks, per round of every blocking query.
+        timer = loop.call_later(timeout, _settle_if_pending, fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
-            pass
+            await fut
         finally:
+            timer.cancel()
             if not fut.done():
-                fut.cancel()  # so that a parked entry is dropped at the next change, not kept forever
+                fut.cancel()  # cancelled from outside: a parked entry is dropped at the next change
+
+
+def _settle_if_pending(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _holds(unchanged: Callable[[], bool]) -> bool:
