@@ -1021,11 +1021,20 @@ FORWARDED_PREFIXES = ("/v1/catalog/", "/v1/health/", "/v1/kv/", "/v1/txn", "/v1/
 
 
 def forwarding_route(pool: ServerPool) -> Callable[[Request], Awaitable[Response]]:
-    """Relay a catalog/health/KV request to a server, blocking queries included."""
+    """Relay a catalog/health/KV request to a server, blocking queries included.
+
+    Identical blocking queries in flight at once (same target, index and wait, same token) share
+    one upstream request, as Consul's agent cache shares a fetch: every watcher of a name re-arms
+    with the same index after each change, and relaying each one was a server round per watcher.
+    Sharing is safe only for blocking queries: any answer the server gives after the later one
+    joined is newer than its index or a timeout that saw no change. Plain reads are not shared (a
+    read must not get an answer computed before it arrived), nor `?consistent` ones."""
+    shared: dict[tuple[str, tuple[tuple[str, str], ...]], asyncio.Future[ServerResponse]] = {}
 
     async def forward(request: Request) -> Response:
         body = await read_body(request, 16 * 1024 * 1024)
         wait = 300.0
+        blocking = bool(request.query_params.get("index")) and request.query_params.get("index") != "0"
         if request.query_params.get("index"):
             from lictor.durations import DurationError, parse_duration
 
@@ -1039,14 +1048,38 @@ def forwarding_route(pool: ServerPool) -> Callable[[Request], Awaitable[Response
             raw_path = request.scope.get("raw_path") or request.url.path.encode()
             query = request.scope.get("query_string") or b""
             target = (raw_path + (b"?" + query if query else b"")).decode("latin-1")
-            resp = await pool.request(request.method, target, content=body, headers=headers,
-                                      timeout=wait + wait / 16 + 10)
+            timeout = wait + wait / 16 + 10
+            if blocking and request.method == "GET" and "consistent" not in request.query_params:
+                resp = await _shared_upstream(shared, pool, target, headers, timeout)
+            else:
+                resp = await pool.request(request.method, target, content=body, headers=headers, timeout=timeout)
         except APIError as exc:
             return PlainTextResponse(exc.message, status_code=exc.status)
         keep = {k: v for k, v in resp.headers.items() if k.lower().startswith("x-consul") or k.lower() == "content-type"}
         return Response(resp.content, status_code=resp.status_code, headers=keep)
 
     return forward
+
+
+async def _shared_upstream(shared: dict[tuple[str, tuple[tuple[str, str], ...]], asyncio.Future[ServerResponse]],
+                           pool: ServerPool, target: str, headers: dict[str, str], timeout: float) -> ServerResponse:
+    """Join the identical blocking GET already in flight, or start it. The upstream request runs in
+    a task of its own: a watcher that disconnects does not cancel it for the others (it ends at its
+    wait, so an abandoned one is bounded)."""
+    key = (target, tuple(sorted((k.lower(), v) for k, v in headers.items())))
+    upstream = shared.get(key)
+    if upstream is None:
+        upstream = asyncio.ensure_future(pool.request("GET", target, headers=headers, timeout=timeout))
+        shared[key] = upstream
+
+        def forget(done: asyncio.Future[ServerResponse], key: Any = key) -> None:
+            if shared.get(key) is done:
+                del shared[key]
+            if not done.cancelled():
+                done.exception()  # retrieved here, so a failure nobody awaited any more is not logged as lost
+
+        upstream.add_done_callback(forget)
+    return await asyncio.shield(upstream)
 
 
 async def attach_local_agent(runtime: Any) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import consul
+import httpx
 import pytest
 from procs import AgentProc, cluster_key, free_port, free_ports, wait_until
 
@@ -237,3 +238,45 @@ def test_cli_members_lists_server_and_clients(setup: Setup) -> None:
     down = subprocess.run([sys.executable, "-m", "lictor.cli", "members", "-http-addr", f"127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=30)
     assert down.returncode == 1 and "is `lictor agent` running" in down.stderr
+
+
+def served(server: AgentProc, endpoint: str) -> float:
+    """GET requests of `endpoint` the server has answered (its HTTP request counter)."""
+    text = server.get("/v1/agent/metrics", params={"format": "prometheus"}).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("lictor_http_requests_total{") and f'endpoint="{endpoint}"' in line and 'method="GET"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_identical_blocking_queries_through_an_agent_share_one_upstream(setup: Setup) -> None:
+    agent = setup.agent("c1")
+    agent.start()
+    agent.wait_ready()
+    wait_until(lambda: any(n["Node"] == "c1" for n in setup.server.get("/v1/catalog/nodes").json()), 20,
+               what="the agent's node in the catalog")
+    time.sleep(1.0)  # its first anti-entropy writes done: the services index holds still
+    index = int(agent.get("/v1/catalog/services").headers["X-Consul-Index"])
+    results: list[tuple[int, int, list[str]]] = []
+
+    def watch(token: str) -> None:
+        resp = httpx.get(f"{agent.url}/v1/catalog/services", params={"index": index, "wait": "20s"},
+                         headers={"X-Consul-Token": token}, timeout=30)
+        results.append((resp.status_code, int(resp.headers["X-Consul-Index"]), sorted(resp.json())))
+
+    threads = [threading.Thread(target=watch, args=(token,)) for token in ["a"] * 4 + ["b"]]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)  # every watcher parked at the agent
+    before = served(setup.server, "/v1/catalog/services")
+    body = {"Node": "ext", "Address": "10.0.0.9", "Service": {"Service": "shared-watch", "ID": "sw1"}}
+    assert setup.server.put("/v1/catalog/register", json=body).status_code == 200
+    for t in threads:
+        t.join(30)
+    assert len(results) == 5
+    for status, new_index, names in results:
+        assert status == 200 and new_index > index and "shared-watch" in names
+    # One upstream round for the four watchers with the same token, one for the other token.
+    wait_until(lambda: served(setup.server, "/v1/catalog/services") - before >= 2, 5, what="upstream answers counted")
+    assert served(setup.server, "/v1/catalog/services") - before == 2
