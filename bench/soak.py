@@ -527,8 +527,16 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         gc.freeze()
         gc.disable()
         box0 = box_busy()
+        procs0 = {p.name: (cpu_seconds(p.proc.pid), run_queue_wait_seconds(p.proc.pid))
+                  for p in cluster.servers + agents if p.proc is not None}
         baseline = await unloaded_reads(state, baseline_secs)
         out["box_busy_cores_unloaded"] = (box_busy() - box0) / baseline_secs
+        # Waiting for a core per second of running: whether the loaded excess is queueing for the
+        # CPUs (it grows with load) or a per-wake-up cost of this VM (the same unloaded).
+        out["wait_per_run_unloaded"] = {
+            p.name: (run_queue_wait_seconds(p.proc.pid) - procs0[p.name][1])
+            / max(cpu_seconds(p.proc.pid) - procs0[p.name][0], 1e-9)
+            for p in cluster.servers + agents if p.proc is not None}
         out["unloaded"] = {"reads": len(baseline), "p50_ms": pct(baseline, 50) * 1e3, "p99_ms": pct(baseline, 99) * 1e3}
         log(f"unloaded reads: n={len(baseline)} p50={out['unloaded']['p50_ms']:.2f} ms p99={out['unloaded']['p99_ms']:.2f} ms")
 
@@ -695,6 +703,9 @@ def report(out: dict[str, Any]) -> None:
     print("cores used during the load: " + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_cores_during_load"].items()))
     print("threads runnable but waiting for a CPU during the load (core-seconds per second): "
           + ", ".join(f"{k} {v:.2f}" for k, v in out["run_queue_wait_cores_during_load"].items()))
+    waits, used = out["run_queue_wait_cores_during_load"], out["cpu_cores_during_load"]
+    print("waiting for a core per second of running, unloaded -> loaded: " + ", ".join(
+        f"{k} {v:.2f} -> {waits.get(k, 0) / max(used.get(k, 0), 1e-9):.2f}" for k, v in out["wait_per_run_unloaded"].items()))
     print(f"cores used by the after-load baseline (box busy {out['box_busy_cores_after_load']:.2f}): "
           + ", ".join(f"{k} {v:.2f}" for k, v in out["cpu_cores_after_load"].items()))
     print("read p99 by target/endpoint: " + ", ".join(f"{k} {v[1]:.1f} ms (n={v[0]})" for k, v in out["read_p99_ms_by"].items()))
