@@ -55,6 +55,8 @@ RAFT_LEADER_CHANGES = Counter(
     "lictor_raft_leader_changes", "Times this node observed a new Raft leader (including the first)",
     registry=REGISTRY,
 )
+
+
 class InFlight:
     """A count kept as a plain integer (event-loop only, so no lock) and read at scrape time: a
     prometheus_client Gauge takes a lock per inc and dec, twice per blocking-query round."""
