@@ -1034,8 +1034,9 @@ def forwarding_route(pool: ServerPool) -> Callable[[Request], Awaitable[Response
     async def forward(request: Request) -> Response:
         body = await read_body(request, 16 * 1024 * 1024)
         wait = 300.0
-        blocking = bool(request.query_params.get("index")) and request.query_params.get("index") != "0"
-        if request.query_params.get("index"):
+        index = request.query_params.get("index")
+        blocking = bool(index) and index != "0"
+        if index:
             from lictor.durations import DurationError, parse_duration
 
             try:
