@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import struct
 import threading
 import time
@@ -122,6 +123,11 @@ class RaftSettings:
     snapshot_threshold: int = 5000
     flush_interval: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def compaction_jitter(minimum: int, spread: float = 0.5) -> int:
+    """A per-process value in [minimum, minimum * (1 + spread)]: when this server compacts its log."""
+    return int(minimum * (1 + random.uniform(0, spread)))
 
 
 WAKE_PER_ITERATION = 2  # blocking queries woken per event-loop iteration (see ChangeFeed._release)
@@ -500,8 +506,13 @@ class RaftLog(ConsensusLog):
             leaderFallbackTimeout=s.leader_fallback,
             dynamicMembershipChange=True,
             password=s.password,
-            logCompactionMinEntries=s.snapshot_threshold,
-            logCompactionMinTime=300,
+            # Every server's log reaches the same length at the same moment: with one threshold for
+            # all, the three compacted together and the whole cluster stalled at once (the soak's
+            # slowest reads, 4-10 ms on every server for ~150 ms). Each server draws its own
+            # threshold and period above the configured minimum, as hashicorp/raft jitters its
+            # snapshot checks, so they compact at different times.
+            logCompactionMinEntries=compaction_jitter(s.snapshot_threshold),
+            logCompactionMinTime=compaction_jitter(300),
             # Split staggers compaction into a 30 s window every 5 min; with fork-based dumps
             # (a few ms of stall) compacting as soon as the threshold is passed is cheaper.
             logCompactionSplit=False,

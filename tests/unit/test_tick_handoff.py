@@ -105,3 +105,11 @@ def test_change_feed_notified_on_the_tick_thread_wakes_after_the_tick() -> None:
 
     during, after = asyncio.run(scenario())
     assert (during, after) == (0, 1)
+
+
+def test_compaction_thresholds_are_drawn_per_server_above_the_minimum() -> None:
+    from lictor.registry.raft import compaction_jitter
+
+    drawn = [compaction_jitter(5000) for _ in range(200)]
+    assert all(5000 <= d <= 7500 for d in drawn)
+    assert len(set(drawn)) > 100  # servers started together do not compact together
