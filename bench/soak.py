@@ -22,7 +22,8 @@ The killed client agent is started again after the load (its registrations are i
 store), so its acknowledged registrations count too. Load: `--clients` asyncio clients; 10 % of
 them run blocking queries, the others loop over KV writes with unique keys (30 %), agent service
 registrations/deregistrations on client agents (20 %) and catalog/health/KV reads (50 %), sleeping
-a random 0.5x-1.5x `--think` between requests. The blocking-query clients run in a process of their
+a random 0.5x-1.5x `--think` between requests. `--write-share` moves the read/write split (the two
+kinds of write keep their 3:2 proportion): half writes is far more than a registry usually sees. The blocking-query clients run in a process of their
 own (`--one-process` keeps them in the readers' event loop, as before 2026-12-04). Every process is
 started here and killed by pid on exit.
 """
@@ -80,6 +81,7 @@ class State:
     errors: dict[str, int] = field(default_factory=dict)
     blocking_returns: int = 0
     services_per_client: int = 3
+    write_share: float = 0.5  # of the load clients' requests: 3/5 of it KV writes, 2/5 registrations
     events: list[tuple[float, str]] = field(default_factory=list)
 
     def live(self, names: list[str] | None = None) -> list[str]:
@@ -111,9 +113,10 @@ class Client:
     async def step(self) -> None:
         r = random.random()
         self.n += 1
-        if r < 0.30:
+        writes = self.state.write_share
+        if r < 0.6 * writes:
             await self.kv_write()
-        elif r < 0.50:
+        elif r < writes:
             # Churn, not growth: a client holding its share of services replaces one, so the catalog
             # the reads return stays the size it had when the unloaded baseline was measured.
             if len(self.mine) >= self.state.services_per_client:
@@ -510,16 +513,18 @@ def verify(state: State, servers: list[AgentProc], timeout: float = 60.0) -> dic
 
 async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think: float = 0.5,
                    restart_signal: str = "kill", baseline_secs: float = 4.0, faults_on: bool = True,
-                   watch_share: float = 0.1, watchers_process: bool = True) -> dict[str, Any]:
+                   watch_share: float = 0.1, watchers_process: bool = True, write_share: float = 0.5
+                   ) -> dict[str, Any]:
     cluster = Cluster(root, 3)
     agents: list[AgentProc] = []
     out: dict[str, Any] = {"machine": machine(), "duration": duration, "clients": clients, "think": think,
-                           "restart_signal": restart_signal, "watchers_process": watchers_process}
+                           "restart_signal": restart_signal, "watchers_process": watchers_process,
+                           "write_share": write_share}
     try:
         await asyncio.to_thread(cluster.start, 60)
         agents = await asyncio.to_thread(start_client_agents, root, cluster, 2)
         targets = {p.name: p for p in cluster.servers + agents}
-        state = State(targets, [a.name for a in agents])
+        state = State(targets, [a.name for a in agents], write_share=write_share)
         # Something to read before the clock starts: KV keys, and every load client's share of services,
         # so the catalog the baseline reads is the size the load keeps it at (registrations churn).
         watchers = round(clients * watch_share)
@@ -697,7 +702,8 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
 def report(out: dict[str, Any]) -> None:
     u, ld, inv = out["unloaded"], out["loaded"], out["invariants"]
     print(f"\n# soak: {out['duration']:.0f} s, {out['clients']} clients (think {out['think']} s), "
-          f"leader restart by SIG{out['restart_signal'].upper()}, one client agent SIGKILLed")
+          f"{out.get('write_share', 0.5):.0%} writes, leader restart by SIG{out['restart_signal'].upper()}, "
+          "one client agent SIGKILLed")
     print(f"box: {out['machine']['nproc']} cores; average busy cores (all tenants) during the unloaded reads "
           f"{out['box_busy_cores_unloaded']:.2f}, during the load {out['box_busy_cores_during_load']:.2f}")
     print(f"ops/s {ld['ops_per_s']:.0f}  ok={ld['ok']}  errors={ld['errors']}  blocking returns={ld['blocking_returns']}")
@@ -753,6 +759,8 @@ def main() -> int:
     parser.add_argument("--restart-signal", choices=["kill", "term"], default="kill")
     parser.add_argument("--no-faults", action="store_true", help="the same load with nothing killed (diagnosis)")
     parser.add_argument("--watch-share", type=float, default=0.1, help="share of clients running blocking queries")
+    parser.add_argument("--write-share", type=float, default=0.5,
+                        help="share of the load clients' requests that write (3/5 KV, 2/5 agent registrations)")
     parser.add_argument("--one-process", action="store_true",
                         help="run the blocking-query clients in the load generator's own event loop (as before session 7)")
     parser.add_argument("--watchers-child", default="", help=argparse.SUPPRESS)
@@ -770,7 +778,7 @@ def main() -> int:
         log(f"soak: loop={loop_name}, root={tmp}")
         out = asyncio.run(run_soak(Path(tmp), args.duration, args.clients, args.think, args.restart_signal,
                                    faults_on=not args.no_faults, watch_share=args.watch_share,
-                                   watchers_process=not args.one_process))
+                                   watchers_process=not args.one_process, write_share=args.write_share))
     report(out)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
