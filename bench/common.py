@@ -180,6 +180,7 @@ class RawConn:
             self.close()
         return status, headers, data
 
+
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; the cmsg carries a struct timespec
 
 
@@ -283,6 +284,7 @@ class StampedConn:
                 await self._readable(sock)
         if not data:
             raise ConnectionResetError("connection closed by the server")
+        self._arrived_ns = time.time_ns()  # replaced by the kernel's stamp, which Linux always sends
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
                 sec, nsec = struct.unpack("qq", cdata[:16])

@@ -283,12 +283,12 @@ _MAX_CHECKED_NAMES = 512
 class LeanCycle(RequestResponseCycle):
     """uvicorn's request/response cycle with a cheaper response head.
 
-    uvicorn runs two regex searches per response header (a Consul read carries eight headers: 16
-    searches, its largest per-request cost in Python). Here a header name is checked the first
-    time it is seen (the API sends a few dozen distinct ones), and all values of a response in a
-    single search over them joined by a tab: a tab is legal in a value, so the joined search
-    matches exactly when one of the values would. Framing (Content-Length, chunked, Connection:
-    close, HEAD) and the body path are uvicorn's."""
+    uvicorn runs two regex searches per response header (16 for a Consul read's eight headers).
+    Here a header name is checked the first time it is seen (the API sends a few dozen distinct
+    ones), and all values of a response in a single search over them joined by a tab: a tab is
+    legal in a value, so the joined search matches exactly when one of the values would. Framing
+    (Content-Length, chunked, Connection: close, HEAD) and the body path are uvicorn's. With the
+    keep-alive timer below: a cached read 303 k -> 299 k instructions (bench/http_cost.py)."""
 
     async def send(self, message: Any) -> None:
         if self.response_started or self.access_log:
@@ -360,8 +360,8 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().connection_lost(exc)
 
     # Keep-alive: uvicorn arms a new timer after every response and cancels it when the next
-    # request's bytes arrive (~2.5 % of a cached read's CPU). Here only the deadline moves; the
-    # timer re-arms itself when it fires early, as the head timer does.
+    # request's bytes arrive (a TimerHandle made and cancelled per request). Here only the deadline
+    # moves; the timer re-arms itself when it fires early, as the head timer does.
     def _unset_keepalive_if_required(self) -> None:
         self._idle_deadline = None
 
