@@ -133,13 +133,46 @@ def request_bytes(method: str, path: str, host: str, port: int, body: bytes) -> 
     return head.encode() + b"\r\n" + body
 
 
-class RawConn:
+class _KeepAliveConn:
+    """What both connections share: connected on first use, and closed when a request fails or
+    times out (the stream is out of step after that)."""
+
+    failures: tuple[type[BaseException], ...] = (TimeoutError, OSError, HTTPError)
+
+    def is_open(self) -> bool:
+        raise NotImplementedError
+
+    async def connect(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def _request(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        raise NotImplementedError
+
+    async def request(self, method: str, path: str, body: bytes = b"", timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+        if not self.is_open():
+            await self.connect()
+        try:
+            return await asyncio.wait_for(self._request(method, path, body), timeout)
+        except self.failures:
+            self.close()
+            raise
+
+
+class RawConn(_KeepAliveConn):
     """One keep-alive HTTP/1.1 connection; one request at a time."""
+
+    failures = (TimeoutError, OSError, asyncio.IncompleteReadError, HTTPError)
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+
+    def is_open(self) -> bool:
+        return self.writer is not None
 
     async def connect(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
@@ -149,15 +182,6 @@ class RawConn:
             self.writer.close()
             self.writer = None
             self.reader = None
-
-    async def request(self, method: str, path: str, body: bytes = b"", timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
-        if self.writer is None:
-            await self.connect()
-        try:
-            return await asyncio.wait_for(self._request(method, path, body), timeout)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, HTTPError):
-            self.close()
-            raise
 
     async def _request(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         assert self.writer is not None and self.reader is not None
@@ -184,7 +208,7 @@ class RawConn:
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; the cmsg carries a struct timespec
 
 
-class StampedConn:
+class StampedConn(_KeepAliveConn):
     """RawConn's interface on a bare socket whose arriving data the kernel timestamps (SO_TIMESTAMPNS).
 
     After each request, `wire_seconds` runs from the moment the request was handed to the kernel to
@@ -195,6 +219,8 @@ class StampedConn:
     `client_seconds` is the latency as the caller saw it (parse done), for the report beside it.
     """
 
+    failures = (TimeoutError, OSError, HTTPError, ValueError, IndexError)
+
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.sock: socket.socket | None = None
@@ -203,6 +229,9 @@ class StampedConn:
         self.client_seconds = 0.0
         self._arrived_ns = 0
         self._anc_size = socket.CMSG_SPACE(16)
+
+    def is_open(self) -> bool:
+        return self.sock is not None
 
     async def connect(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -221,15 +250,6 @@ class StampedConn:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-    async def request(self, method: str, path: str, body: bytes = b"", timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
-        if self.sock is None:
-            await self.connect()
-        try:
-            return await asyncio.wait_for(self._request(method, path, body), timeout)
-        except (TimeoutError, OSError, HTTPError, ValueError, IndexError):
-            self.close()
-            raise
 
     async def _request(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         assert self.sock is not None

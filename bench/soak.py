@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CLK_TCK, RawConn, StampedConn, cpu_seconds, exit_on_sigterm, install_uvloop, machine, pct  # noqa: E402
+from common import CLK_TCK, StampedConn, cpu_seconds, exit_on_sigterm, install_uvloop, machine, pct  # noqa: E402
 from procs import AgentProc, Cluster, free_ports  # noqa: E402
 
 SERVICE_NAMES = [f"soak-{c}" for c in "abcde"]
@@ -101,7 +101,7 @@ class Client:
 
     def __init__(self, state: State, wid: int) -> None:
         self.state, self.wid, self.n = state, wid, 0
-        self.conns: dict[str, RawConn | StampedConn] = {}
+        self.conns: dict[str, StampedConn] = {}
         self.mine: list[str] = []  # services this client registered (acked) and has not deregistered
 
     async def call(self, target: str, method: str, path: str, body: bytes = b"", timeout: float = 15.0
@@ -208,7 +208,6 @@ class Client:
             return
         if status == 200:
             conn = self.conns[target]
-            assert isinstance(conn, StampedConn)
             st.reads.append((start - st.t0, conn.wire_seconds))
             st.client_reads.append(conn.client_seconds)
             st.read_kinds.append((target, path.split("?")[0].rsplit("/", 1)[0] if "/kv/" in path else path.split("?")[0]))
@@ -237,7 +236,7 @@ class Client:
                 target, index = random.choice(st.live()), "0"
             try:
                 conn = self.conns.get(target) or self.conns.setdefault(
-                    target, RawConn("127.0.0.1", st.targets[target].http_port))
+                    target, StampedConn("127.0.0.1", st.targets[target].http_port))
                 sep = "&" if "?" in path else "?"
                 status, headers, _ = await conn.request("GET", f"{path}{sep}index={index}&wait=3s", timeout=10)
             except Exception:  # noqa: BLE001
