@@ -71,6 +71,9 @@ class AgentConfig:
     http_rate_limit: float = 0.0  # requests per second per client IP
     http_rate_burst: int = 0  # 0 = 2 x the rate
     http_max_blocking_per_client: int = 0
+    # A blocking query woken within this of its arrival answers at this mark (httpapi.blocking): under
+    # churn each watcher gets at most one answer per interval instead of one per write. 0 = off.
+    blocking_coalesce: float = 0.05
     dns_rate_limit: float = 0.0  # DNS queries per second per client IP (UDP and TCP together)
     dns_rate_burst: int = 0  # 0 = 2 x the rate
     max_services: int = 0  # services per agent
@@ -140,6 +143,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "http-rate-limit": ("http_rate_limit", "float"),
     "http-rate-burst": ("http_rate_burst", "int"),
     "http-max-blocking-per-client": ("http_max_blocking_per_client", "int"),
+    "blocking-coalesce": ("blocking_coalesce", "duration"),
     "dns-rate-limit": ("dns_rate_limit", "float"),
     "dns-rate-burst": ("dns_rate_burst", "int"),
     "max-services": ("max_services", "int"),
@@ -296,6 +300,8 @@ def finalize(config: AgentConfig) -> AgentConfig:
         raise ConfigError("-https-port needs -cert-file and -key-file")
     if config.verify_incoming and not config.ca_file:
         raise ConfigError("-verify-incoming needs -ca-file (the CA that signs client certificates)")
+    if not 0 <= config.blocking_coalesce <= 10:
+        raise ConfigError(f"-blocking-coalesce must be between 0 and 10s, not {config.blocking_coalesce!r}s")
     _check_outgoing_tls(config)
     _check_tls_files(config)
     if config.http_port <= 0 and config.https_port <= 0:

@@ -75,6 +75,11 @@ BLOCKING_IN_FLIGHT = InFlight()
 Gauge(
     "lictor_blocking_queries_in_flight", "Blocking queries currently waiting for a change", registry=REGISTRY
 ).set_function(lambda: BLOCKING_IN_FLIGHT.count)
+BLOCKING_COALESCED = Counter(
+    "lictor_blocking_queries_coalesced",
+    "Blocking queries woken by a change soon after they arrived and answered at the coalescing mark instead",
+    registry=REGISTRY,
+)
 LOOP_LAG = Gauge(
     "lictor_event_loop_lag_seconds", "Oversleep of the last 0.25 s event-loop probe (loop responsiveness)",
     registry=REGISTRY,

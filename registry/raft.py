@@ -207,6 +207,7 @@ class ChangeFeed:
         self.handoff = handoff  # set when notify is called from a Raft tick thread
         self.generation = 0
         self.closed = False  # shutting down: blocking queries answer now instead of being cancelled
+        self.coalesce = 0.0  # seconds a woken blocking query waits from its arrival (httpapi.blocking)
         self._waiters: list[tuple[asyncio.Future[None], Callable[[], bool] | None]] = []
         self._pending = False
         self._lock = threading.Lock()

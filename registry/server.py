@@ -141,6 +141,7 @@ class ServerAgent:
                     snapshot_threshold=config.raft_snapshot_threshold,
                 )
             )
+        self.log.feed.coalesce = config.blocking_coalesce
         info = ServerInfo(config.node, config.datacenter, config.http_addr, config.raft_addr)
         self.api = RegistryAPI(self.log, info)
         await self.log.start()

@@ -6,11 +6,13 @@ import json
 import subprocess
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import consul
 import httpx
 import pytest
-from procs import AgentProc
+from procs import AgentProc, running_dev_agent
 
 
 def client(agent: AgentProc) -> consul.Consul:
@@ -148,3 +150,38 @@ def test_curl_reads_the_catalog(dev_agent: AgentProc) -> None:
     head, _, body = out.stdout.partition("\n\n")  # text mode turns CRLF into LF
     assert "x-consul-index" in head.lower()
     assert "consul" in json.loads(body)
+
+
+def test_blocking_queries_coalesce_changes_soon_after_they_arrive(tmp_path: Path) -> None:
+    """-blocking-coalesce: a watcher woken within the interval of asking answers at its end, with
+    every change made meanwhile; a change after a quiet spell is answered at once (py-consul)."""
+    with running_dev_agent(tmp_path, "coalesce", "-blocking-coalesce", "1s") as agent:
+        c = client(agent)
+        index, _ = c.catalog.services()
+        woke: dict[str, Any] = {}
+
+        def watch(since: str, key: str) -> None:
+            started = time.monotonic()
+            new_index, services = c.catalog.services(index=since, wait="20s")
+            woke[key] = (time.monotonic() - started, new_index, services)
+
+        thread = threading.Thread(target=watch, args=(index, "soon"))
+        thread.start()
+        time.sleep(0.1)
+        c.agent.service.register("first", port=1)  # wakes the watcher 0.1 s after it asked
+        time.sleep(0.3)
+        c.agent.service.register("second", port=2)  # during the hold: in the same answer
+        thread.join(15)
+        after, new_index, services = woke["soon"]
+        assert after >= 1.0 and after < 6
+        assert {"first", "second"} <= set(services)
+        # Quiet for longer than the interval, then a change: no hold.
+        thread = threading.Thread(target=watch, args=(new_index, "quiet"))
+        thread.start()
+        time.sleep(1.5)
+        changed = time.monotonic()
+        c.agent.service.register("third", port=3)
+        thread.join(15)
+        after, _, services = woke["quiet"]
+        assert "third" in services
+        assert after >= 1.5 and time.monotonic() - changed < 0.9  # answered well before another 1 s hold

@@ -39,6 +39,8 @@ def test_config_file_then_flags_win(tmp_path: Path) -> None:
         (["-dev", "-http-port", "eighty"], "http-port"),
         (["-dev", "-heartbeat-interval", "soon"], "heartbeat-interval"),
         (["-dev", "-default-intention-policy", "maybe"], "allow or deny"),
+        (["-dev", "-blocking-coalesce", "soon"], "blocking-coalesce"),
+        (["-dev", "-blocking-coalesce", "1m"], "between 0 and 10s"),
     ],
 )
 def test_bad_flags_name_the_problem(argv: list[str], needle: str) -> None:
@@ -55,3 +57,14 @@ def test_bad_config_files_name_the_file(tmp_path: Path) -> None:
     unknown.write_text('{"frobnicate": 1}')
     with pytest.raises(ConfigError, match="frobnicate"):
         parse_agent_args(["-config-file", str(unknown), "-dev"])
+
+
+def test_blocking_coalesce_defaults_to_50ms_and_is_set_by_flag_or_file(tmp_path: Path) -> None:
+    assert parse_agent_args(["-dev"]).blocking_coalesce == 0.05
+    assert parse_agent_args(["-dev", "-blocking-coalesce", "0"]).blocking_coalesce == 0.0
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps({"blocking_coalesce": "200ms"}))
+    assert parse_agent_args(["-dev", "-config-file", str(path)]).blocking_coalesce == 0.2
+    path.write_text(json.dumps({"blocking_coalesce": -1}))
+    with pytest.raises(ConfigError, match="blocking-coalesce"):
+        parse_agent_args(["-dev", "-config-file", str(path)])
