@@ -260,6 +260,10 @@ class RuntimeCollector:
         tick_errors = CounterMetricFamily("lictor_raft_tick_errors", "Exceptions raised on the Raft tick thread")
         tick_errors.add_metric([], float(status.get("tick_errors") or 0))
         yield tick_errors
+        acks_skipped = CounterMetricFamily(
+            "lictor_raft_acks_skipped", "AppendEntries acknowledgements not repeated to the leader (nothing new to say)")
+        acks_skipped.add_metric([], float(status.get("acks_skipped") or 0))
+        yield acks_skipped
         store = log.store
         with store.lock:  # apply runs under this lock on the tick thread; sizes must be consistent
             nodes = len(store.nodes)

@@ -70,6 +70,32 @@ def test_cluster_forms_and_replicates(cluster: Cluster) -> None:
     assert "consul" in services
 
 
+def test_followers_do_not_repeat_unchanged_acks_and_the_cluster_stays_sound(cluster: Cluster) -> None:
+    """Each committed entry reaches a follower twice (the entry, then its commit index); the second
+    acknowledgement said nothing new and is no longer sent. Writes at the leader and forwarded from a
+    follower still complete, every server has every key, and the leadership never moves."""
+    leader = cluster.leader_proc()
+    follower = next(s for s in cluster.servers if s is not leader)
+    term = leader.get("/v1/operator/raft/configuration").json()["Raft"]["term"]
+    with httpx.Client(timeout=10.0) as client:
+        for i in range(200):
+            target = leader if i % 2 == 0 else follower
+            resp = client.put(f"{target.url}/v1/kv/acks/{i:03d}", content=b"x")
+            assert resp.status_code == 200 and resp.json() is True, resp.text
+    for server in cluster.servers:
+        wait_until(lambda s=server: len(all_keys(s, "acks/")) == 200, 10, what=f"200 keys on {server.name}")
+    statuses = {s.name: s.get("/v1/operator/raft/configuration").json()["Raft"] for s in cluster.servers}
+    assert {st["term"] for st in statuses.values()} == {term}
+    assert statuses[leader.name]["state"] == "leader"
+    for name, st in statuses.items():
+        if name != leader.name:
+            # ~one skipped per entry (the commit-index round), heartbeats and the first write aside
+            assert st["acks_skipped"] >= 150, (name, st)
+    assert statuses[leader.name]["acks_skipped"] == 0  # the leader never acknowledges
+    metrics = follower.get("/v1/agent/metrics?format=prometheus").text
+    assert "lictor_raft_acks_skipped_total" in metrics
+
+
 def test_leader_killed_during_writes_loses_nothing(cluster: Cluster) -> None:
     urls = [s.url for s in cluster.servers]
     stop, acked, errors = threading.Event(), [], []
