@@ -94,10 +94,11 @@ class StateStore:
         self.lock = threading.RLock()
         self.listeners: list[Callable[[int], None]] = []
         self.read_cache: dict[Any, Any] = {}  # views.read_shared_entry's cache; never replicated
+        self.block_cache: dict[Any, Any] = {}  # views.health_service_body's per-node shares; never replicated
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for runtime_only in ("lock", "listeners", "read_cache"):
+        for runtime_only in ("lock", "listeners", "read_cache", "block_cache"):
             state.pop(runtime_only, None)
         return state
 
@@ -111,6 +112,7 @@ class StateStore:
             for key, value in other.__getstate__().items():
                 setattr(self, key, value)
             self.read_cache.clear()  # the restored index may equal one we cached at
+            self.block_cache.clear()
         self._notify()
 
     # -- applying --------------------------------------------------------------------------
