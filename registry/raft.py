@@ -15,6 +15,7 @@ pysyncobj is used only through `RaftLog`, which fixes what `shared/raft-engine.m
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ import struct
 import threading
 import time
 import traceback
-import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,9 +105,28 @@ def _count_refusal(kind: str) -> None:
     count_refusal(kind)
 
 
+_REQUEST_ID_PREFIX = os.urandom(8).hex()
+_request_counter = itertools.count()
+
+
+def _new_request_id_prefix() -> None:
+    global _REQUEST_ID_PREFIX
+    _REQUEST_ID_PREFIX = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_new_request_id_prefix)  # a forked child must not reuse the parent's ids
+
+
+def request_id() -> str:
+    """A command's id for the state machine's dedup: unique across processes (a random 64-bit
+    per-process prefix) and within one (a counter). uuid4 cost an os.urandom call per write, 1.6 %
+    of a leader's GIL time under sequential writes (py-spy, 2026-12-04)."""
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):x}"
+
+
 def new_command(op: str, **fields: Any) -> dict[str, Any]:
     """A command with its request id and proposer timestamp set."""
-    return {"op": op, "rid": uuid.uuid4().hex, "ts": time.time(), **fields}
+    return {"op": op, "rid": request_id(), "ts": time.time(), **fields}
 
 
 @dataclass
@@ -380,7 +399,7 @@ class LocalLog(ConsensusLog):
         metrics.RAFT_LEADER_CHANGES.inc()  # dev mode elects itself once
 
     async def submit(self, command: dict[str, Any], timeout: float = 5.0) -> Any:
-        command.setdefault("rid", uuid.uuid4().hex)
+        command.setdefault("rid", request_id())
         command.setdefault("ts", time.time())
         # Round-trip through JSON exactly as the replicated path does, so dev mode cannot
         # accept a command a cluster would fail to encode.
@@ -564,7 +583,7 @@ class RaftLog(ConsensusLog):
     # -- writes -----------------------------------------------------------------------------
 
     async def submit(self, command: dict[str, Any], timeout: float = 5.0) -> Any:
-        command.setdefault("rid", uuid.uuid4().hex)
+        command.setdefault("rid", request_id())
         command.setdefault("ts", time.time())
         blob = json.dumps(command, separators=(",", ":")).encode()
         loop = asyncio.get_running_loop()

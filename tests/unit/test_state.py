@@ -217,3 +217,22 @@ def test_sync_partial_touches_only_what_changed() -> None:
     assert store.services["n1"]["b"]["ModifyIndex"] == b_index  # untouched
     bad = store.apply(cmd("sync_partial", **base, Services=[], Checks=[check("x", service_id="a")]))
     assert bad["ok"] is False and "x" not in store.checks["n1"]
+
+
+def test_request_ids_are_unique_in_a_process_and_across_a_fork() -> None:
+    import os
+
+    from lictor.registry.raft import new_command, request_id
+
+    ids = {request_id() for _ in range(10_000)} | {new_command("noop")["rid"] for _ in range(1000)}
+    assert len(ids) == 11_000
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child writes its next id and leaves at once
+        os.write(write_end, request_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    child_id = os.read(read_end, 100).decode()
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert child_id and child_id not in ids and child_id[:16] != request_id()[:16]
