@@ -73,7 +73,7 @@ class AgentConfig:
     http_max_blocking_per_client: int = 0
     # A blocking query woken within this of its arrival answers at this mark (httpapi.blocking): under
     # churn each watcher gets at most one answer per interval instead of one per write. 0 = off.
-    blocking_coalesce: float = 0.1  # Istio debounces pushes by 100 ms, Consul's proxycfg coalesces for 200 ms
+    blocking_coalesce: float = 0.05
     dns_rate_limit: float = 0.0  # DNS queries per second per client IP (UDP and TCP together)
     dns_rate_burst: int = 0  # 0 = 2 x the rate
     max_services: int = 0  # services per agent

@@ -149,8 +149,9 @@ async def blocking(
     each answer, so under churn each one gets at most one answer per `coalesce` instead of one per
     write; the first change after a quiet spell is answered at once, and a query whose index is
     already behind returns at once as before. In the soak (issue #9: ~60 registrations a second,
-    20 watchers) 50 ms cut the answers per run from ~25,000 to ~8,500 and the box's busy cores
-    from 0.76 to 0.57; 100 ms (the default) to ~5,300. Each answer is a response, a re-armed
+    20 watchers) 50 ms (the default) cut the answers per run from ~25,000 to ~8,500 and the box's
+    busy cores from 0.76 to 0.57; 100 ms cut them to ~5,300 but did not measurably move the read
+    tail (seven runs each), so the shorter delay stays. Each answer is a response, a re-armed
     request and, through a client agent, two relays. Consul's proxycfg (200 ms) and Istio (100 ms)
     coalesce watch updates the same way."""
     if not opts.index:

@@ -59,8 +59,8 @@ def test_bad_config_files_name_the_file(tmp_path: Path) -> None:
         parse_agent_args(["-config-file", str(unknown), "-dev"])
 
 
-def test_blocking_coalesce_defaults_to_100ms_and_is_set_by_flag_or_file(tmp_path: Path) -> None:
-    assert parse_agent_args(["-dev"]).blocking_coalesce == 0.1
+def test_blocking_coalesce_defaults_to_50ms_and_is_set_by_flag_or_file(tmp_path: Path) -> None:
+    assert parse_agent_args(["-dev"]).blocking_coalesce == 0.05
     assert parse_agent_args(["-dev", "-blocking-coalesce", "0"]).blocking_coalesce == 0.0
     path = tmp_path / "agent.json"
     path.write_text(json.dumps({"blocking_coalesce": "200ms"}))
