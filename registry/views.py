@@ -303,11 +303,19 @@ def health_service_entries(
         grouped = by_node.get(node_name)
         if grouped is None:
             grouped = by_node[node_name] = _NodeChecks(store.checks.get(node_name, {}))
-        checks = grouped.of(service["ID"])
-        if passing and any(c["Status"] != "passing" for c in checks):
-            continue
-        entries.append({"Node": node, "Service": service, "Checks": checks})
+        entry = _health_entry(node, service, grouped, passing)
+        if entry is not None:
+            entries.append(entry)
     return index, entries
+
+
+def _health_entry(node: dict[str, Any], service: dict[str, Any], grouped: _NodeChecks,
+                  passing: bool) -> dict[str, Any] | None:
+    """One instance's health entry, or None when `?passing` drops it (any of its checks not passing)."""
+    checks = grouped.of(service["ID"])
+    if passing and any(c["Status"] != "passing" for c in checks):
+        return None
+    return {"Node": node, "Service": service, "Checks": checks}
 
 
 def health_service_body(
@@ -363,10 +371,9 @@ def _health_block(store: StateStore, node_name: str, name: str, passing: bool, t
         service = services[service_id]
         if tags and not _tags_match(service, tags):
             continue
-        checks = grouped.of(service_id)
-        if passing and any(c["Status"] != "passing" for c in checks):
-            continue
-        encoded.append(compact_json({"Node": node, "Service": service, "Checks": checks}))
+        entry = _health_entry(node, service, grouped, passing)
+        if entry is not None:
+            encoded.append(compact_json(entry))
     return b",".join(encoded)
 
 

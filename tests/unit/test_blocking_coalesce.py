@@ -60,19 +60,26 @@ def test_changes_soon_after_arrival_are_answered_together_at_the_mark() -> None:
     assert index == 12  # both changes, one answer
 
 
-def test_a_change_after_the_mark_is_answered_at_once() -> None:
+def delay_after_one_change(coalesce: float, quiet: float) -> tuple[float, int]:
+    """Park a query, change the resource `quiet` seconds later: (seconds from the change to the
+    answer, the index answered)."""
+
     async def scenario() -> tuple[float, int]:
         loop = asyncio.get_running_loop()
-        feed = new_feed(0.05)
+        feed = new_feed(coalesce)
         res = Resource(feed)
         query = asyncio.create_task(blocking(opts(res.index), feed, res.read))
-        await asyncio.sleep(0.3)  # quiet past the mark
+        await asyncio.sleep(quiet)
         changed_at = loop.time()
         res.change()
         index, _ = await asyncio.wait_for(query, 5)
         return loop.time() - changed_at, index
 
-    delay, index = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_change_after_the_mark_is_answered_at_once() -> None:
+    delay, index = delay_after_one_change(0.05, quiet=0.3)  # quiet past the mark
     assert index == 11
     assert delay < 0.5  # not held (a hold would not apply at all; this only bounds a slow machine)
 
@@ -109,18 +116,7 @@ def test_the_hold_never_passes_the_wait_deadline() -> None:
 
 
 def test_off_answers_as_soon_as_the_change_is_seen() -> None:
-    async def scenario() -> tuple[float, int]:
-        loop = asyncio.get_running_loop()
-        feed = new_feed(0.0)
-        res = Resource(feed)
-        query = asyncio.create_task(blocking(opts(res.index), feed, res.read))
-        await asyncio.sleep(0.02)
-        changed_at = loop.time()
-        res.change()
-        index, _ = await asyncio.wait_for(query, 5)
-        return loop.time() - changed_at, index
-
-    delay, index = asyncio.run(scenario())
+    delay, index = delay_after_one_change(0.0, quiet=0.02)
     assert index == 11
     assert delay < 0.5
 
