@@ -6,6 +6,7 @@ Every process is started by us, tracked by pid, and killed only by that pid.
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import signal
 import socket
@@ -22,17 +23,86 @@ import httpx
 LICTOR = [sys.executable, "-m", "lictor.cli"]
 
 
+# Ports for the processes we start come from OUTSIDE the kernel's ephemeral range. A port picked
+# by binding port 0 is an ephemeral one, and between our check and the child's bind the kernel may
+# hand it to any outgoing connection (the tests make thousands), so the child's bind fails or a
+# client owns the port. Below the ephemeral range only explicit binds take ports; each process walks
+# the window from a random start with its own counter, and bind-checks each candidate (TCP and UDP,
+# DNS ports are both) to skip ones in use.
+_EPHEMERAL_DEFAULT = (32768, 60999)
+_WINDOW_FLOOR = 20000
+_SIDECAR_PORTS = range(21000, 21256)  # the agent assigns sidecar ports from here (agent/definitions.py)
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's ip_local_port_range (inclusive), or Linux's default if unreadable."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+    return low, high
+
+
+def _reserved_ports() -> set[int]:
+    """ip_local_reserved_ports: ports someone has set aside ("8080,9000-9100")."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_reserved_ports").read_text().strip()
+    except OSError:
+        return set()
+    reserved: set[int] = set()
+    for part in filter(None, text.split(",")):
+        try:
+            low, _, high = part.partition("-")
+            reserved.update(range(int(low), int(high or low) + 1))
+        except ValueError:
+            continue
+    return reserved
+
+
+def _port_window() -> list[int]:
+    low, high = ephemeral_port_range()
+    below, above = range(_WINDOW_FLOOR, low), range(high + 1, 65536)
+    skip = _reserved_ports()
+    return [p for p in max(below, above, key=len) if p not in skip and p not in _SIDECAR_PORTS]
+
+
+_WINDOW = _port_window()
+_NEXT = itertools.count(int.from_bytes(os.urandom(4), "big"))  # per process, from a random start
+
+
+def port_is_free(port: int) -> bool:
+    """Can 127.0.0.1:port be bound for TCP and for UDP? SO_REUSEADDR stays off, so listeners,
+    connected sockets and TIME_WAIT leftovers all count as in use."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port no one holds now, outside the ephemeral range, not handed out before by this process
+    (until the window wraps)."""
+    for _ in range(len(_WINDOW)):
+        port = _WINDOW[next(_NEXT) % len(_WINDOW)]
+        if port_is_free(port):
+            return port
+    if _WINDOW:
+        raise RuntimeError(f"no free port in {_WINDOW[0]}..{_WINDOW[-1]}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # no room outside the ephemeral range
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def free_ports(count: int) -> list[int]:
-    ports: set[int] = set()
+    ports: list[int] = []
     while len(ports) < count:
-        ports.add(free_port())
-    return list(ports)
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def cluster_key() -> str:

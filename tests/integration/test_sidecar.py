@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -110,6 +111,18 @@ def _start_instance(mesh: Mesh, sid: str, name: str, upstreams: list[dict] | Non
     mesh.spawn(sid + "-proxy", [sys.executable, "-m", "lictor.agent.proxy", "-sidecar-for", sid,
                                 "-http-addr", mesh.agent.http_addr, "-metrics-port", str(metrics_port),
                                 "-log-level", "info"])
+    # The sidecar's health check only sees the sidecar listening, not the app behind it: wait for the
+    # app's own listener too (bounded; its interpreter starts slowly on a busy box), or fail with its log.
+    app_proc = mesh.procs[sid + "-app"]
+
+    def app_listening() -> bool:
+        if app_proc.poll() is not None:
+            return True  # exited: reported below, without waiting out the timeout
+        with socket.create_connection(("127.0.0.1", app_port), timeout=1.0):
+            return True
+
+    wait_until(app_listening, 30, 0.05, f"app {sid} listening on {app_port}")
+    assert app_proc.poll() is None, f"app {sid} exited ({app_proc.returncode}):\n{mesh.log(sid + '-app')}"
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +142,17 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         mesh.ports["upstream"] = upstream_port
         _start_instance(mesh, "web", "web", [{"DestinationName": "api", "LocalBindPort": upstream_port}])
 
+        def exited() -> list[str]:
+            return [name for name, proc in mesh.procs.items() if proc.poll() is not None]
+
         def healthy() -> bool:
+            if exited():
+                return True  # reported below, without waiting out the timeout
             resp = agent.get("/v1/health/connect/api?passing")
             return resp.status_code == 200 and len(resp.json()) == 3
 
         wait_until(healthy, 30, 0.2, "three passing api sidecars")
+        assert not exited(), "\n".join(f"--- {name} exited:\n{mesh.log(name)}" for name in exited())
         wait_until(lambda: len(mesh.stats("web")["Upstreams"][0]["Endpoints"]) == 3, 15, 0.1, "web sees 3 endpoints")
         yield mesh
     finally:
