@@ -219,7 +219,9 @@ class LocalStore:
         if self.path is None:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.db = await aiosqlite.connect(self.path)
+        # Autocommit: a change of one row is one statement, atomic by itself, and one hand-off to
+        # aiosqlite's thread; BEGIN/COMMIT are spent only on changes of several rows (see _write_locked).
+        self.db = await aiosqlite.connect(self.path, isolation_level=None)
         await self.db.execute("PRAGMA journal_mode=WAL")
         await self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged registration survives a crash
         await self.db.executescript(
@@ -267,40 +269,50 @@ class LocalStore:
         delete_checks: list[str],
         meta: dict[str, str] | None,
     ) -> None:
-        await db.execute("BEGIN")
-        try:
-            for sid in delete_services:
-                await db.execute("DELETE FROM services WHERE id = ?", (sid,))
-            for cid in delete_checks:
-                await db.execute("DELETE FROM checks WHERE id = ?", (cid,))
-            for body, source in services:
-                await db.execute("INSERT OR REPLACE INTO services VALUES (?, ?, ?)", (body["ID"], json.dumps(body), source))
-            for spec, status, output, deadline, source in checks:
-                await db.execute(
-                    "INSERT OR REPLACE INTO checks VALUES (?, ?, ?, ?, ?, ?)",
-                    (spec.check_id, json.dumps(dataclasses.asdict(spec)), status, output, deadline, source),
-                )
-            for key, value in (meta or {}).items():
-                await db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-            await db.commit()
-        except Exception:
-            await db.rollback()
-            raise
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        statements += [("DELETE FROM services WHERE id = ?", (sid,)) for sid in delete_services]
+        statements += [("DELETE FROM checks WHERE id = ?", (cid,)) for cid in delete_checks]
+        statements += [("INSERT OR REPLACE INTO services VALUES (?, ?, ?)", (body["ID"], json.dumps(body), source))
+                       for body, source in services]
+        statements += [("INSERT OR REPLACE INTO checks VALUES (?, ?, ?, ?, ?, ?)",
+                        (spec.check_id, json.dumps(dataclasses.asdict(spec)), status, output, deadline, source))
+                       for spec, status, output, deadline, source in checks]
+        statements += [("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)) for key, value in (meta or {}).items()]
+        await _in_one_transaction(db, statements)
 
     async def update_check_states(self, rows: list[tuple[str, str, str, float | None]]) -> None:
         if self.db is None or not rows:
             return
         async with self.lock:
-            await self.db.executemany(
-                "UPDATE checks SET status = ?, output = ?, ttl_deadline = ? WHERE id = ?",
-                [(status, output, deadline, cid) for cid, status, output, deadline in rows],
-            )
-            await self.db.commit()
+            await _in_one_transaction(self.db, [("UPDATE checks SET status = ?, output = ?, ttl_deadline = ? WHERE id = ?",
+                                                 (status, output, deadline, cid)) for cid, status, output, deadline in rows])
 
     async def close(self) -> None:
         if self.db is not None:
             await self.db.close()
             self.db = None
+
+
+async def _in_one_transaction(db: aiosqlite.Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """Run `statements` so they are stored together or not at all.
+
+    Each aiosqlite call is a hand-off to its thread and back (two cross-thread wake-ups), so BEGIN,
+    the statements and COMMIT were three hand-offs for every registration and deregistration, the
+    soak's most frequent agent writes (issue #9). One statement on an autocommit connection is a
+    transaction of its own: one hand-off, with the same durability (synchronous=FULL)."""
+    if not statements:
+        return
+    if len(statements) == 1:
+        await db.execute(*statements[0])
+        return
+    await db.execute("BEGIN")
+    try:
+        for sql, params in statements:
+            await db.execute(sql, params)
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.rollback()
+        raise
 
 
 @dataclasses.dataclass
