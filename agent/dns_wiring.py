@@ -101,8 +101,12 @@ class CatalogFollower:
             from lictor.registry.acl_http import ServerResolver
 
             resolver = ServerResolver(lambda: log_.store, self.config.acl_default_policy, self.config.acl_initial_management)
+        # What the view depends on: the catalog, and with ACLs the tokens and policies that filter it.
+        # As the wait's check, a change elsewhere (a KV write) does not wake this loop at all.
+        watched = views.SNAPSHOT_TABLES + (("acl",) if resolver is not None else ())
         while True:
             generation = feed.generation
+            seen = views.tables_index(log_.store, watched)
             index = views.catalog_snapshot_index(log_.store)  # cheap: KV writes don't touch the catalog
             previous_authz = authz
             if resolver is not None:
@@ -110,7 +114,7 @@ class CatalogFollower:
             if index != self.index or authz is not previous_authz:
                 self._offer(index, lambda authz=authz: self._store_snapshot(log_.store, authz))
             self.updated = time.monotonic()
-            await feed.wait(generation, 30.0)
+            await feed.wait(generation, 30.0, lambda seen=seen: views.tables_index(log_.store, watched) == seen)
             await asyncio.sleep(REBUILD_MIN_PERIOD)
 
     @staticmethod

@@ -220,6 +220,15 @@ class ChangeFeed:
 
     `notify` is called from pysyncobj's tick thread; it coalesces bursts into a single wake-up
     per loop iteration so a write storm cannot flood the loop with callbacks.
+
+    A parked waiter may carry an `unchanged` check (a cheap stamp comparison, see
+    httpapi.blocking). `notify` runs those checks itself, on the notifying thread, takes out the
+    waiters whose view changed (or that have no check) and wakes the loop only for them: in the soak (issue #9)
+    every waiter watches catalog or health views, so a KV write, 60 % of the writes, woke every
+    server's loop for nothing, a cross-thread wake-up and a GIL hand-off per write per server.
+    The generation still moves with every change, so a query between its read and its `wait`
+    re-reads. Parking, re-parking and the scan hold `_lock`: a waiter whose check ran before a
+    change is either in the list when that change's scan runs, or sees the change itself.
     """
 
     _instances: weakref.WeakSet[ChangeFeed] = weakref.WeakSet()
@@ -230,8 +239,11 @@ class ChangeFeed:
         self.generation = 0
         self.closed = False  # shutting down: blocking queries answer now instead of being cancelled
         self.coalesce = 0.0  # seconds a woken blocking query waits from its arrival (httpapi.blocking)
+        self.wakes_skipped = 0  # changes no parked waiter's view saw: the loop was not woken
         self._waiters: list[tuple[asyncio.Future[None], Callable[[], bool] | None]] = []
-        self._pending = False
+        self._to_wake: list[tuple[asyncio.Future[None], Callable[[], bool] | None]] = []
+        self._pending = False  # a wake is posted to the loop and has not run yet
+        self._rescan = False  # changes came while it was pending
         self._lock = threading.Lock()
         ChangeFeed._instances.add(self)
 
@@ -249,7 +261,13 @@ class ChangeFeed:
         if loop is None or loop.is_closed():
             return
         with self._lock:
+            self.generation += 1
             if self._pending:
+                self._rescan = True  # the coming wake checks the still-parked waiters again
+                return
+            self._to_wake = self._changed_waiters()
+            if not self._to_wake:
+                self.wakes_skipped += 1
                 return
             self._pending = True
         if self.handoff is not None:
@@ -260,30 +278,39 @@ class ChangeFeed:
         except RuntimeError:  # loop closed during shutdown
             pass
 
+    def _changed_waiters(self) -> list[tuple[asyncio.Future[None], Callable[[], bool] | None]]:
+        """Take out of the parked waiters those this change may concern: no check, or a check that
+        fails; drop those already done (timed out or cancelled). The caller holds `_lock`."""
+        keep, changed = [], []
+        for fut, unchanged in self._waiters:
+            if fut.done():
+                continue
+            if unchanged is None or self.closed or not _holds(unchanged):
+                changed.append((fut, unchanged))
+            else:
+                keep.append((fut, unchanged))
+        self._waiters = keep
+        return changed
+
     def _wake(self) -> None:
         with self._lock:
             self._pending = False
-        self.generation += 1
-        waiters, self._waiters = self._waiters, []
+            waiters, self._to_wake = self._to_wake, []
+            if self._rescan:
+                self._rescan = False
+                waiters += self._changed_waiters()
         self._release(waiters)
 
     def _release(self, waiters: list[tuple[asyncio.Future[None], Callable[[], bool] | None]]) -> None:
         """Wake WAKE_PER_ITERATION waiters now and the rest on later loop iterations. A woken
         watcher answers in one go (~0.2 ms for a 100-instance health body), so waking a dozen at
         once held every other request on this loop for the whole burst; paced, the loop polls for
-        I/O between them.
-
-        A waiter that gave an `unchanged` check and passes it stays parked without being woken: every
-        write wakes this feed, and a watcher of one service re-reading and re-parking after each KV
-        write was a task switch, a cache lookup and a new timer for nothing."""
+        I/O between them."""
         loop = self.loop
         paced = loop is not None and not loop.is_closed()  # else: all at once, nothing to interleave
         woken = 0
-        for position, (fut, unchanged) in enumerate(waiters):
+        for position, (fut, _unchanged) in enumerate(waiters):
             if fut.done():  # timed out or cancelled: forget it
-                continue
-            if unchanged is not None and not self.closed and _holds(unchanged):
-                self._waiters.append((fut, unchanged))
                 continue
             if paced and woken == WAKE_PER_ITERATION:
                 loop.call_soon(self._release, waiters[position:])  # type: ignore[union-attr]
@@ -292,24 +319,31 @@ class ChangeFeed:
             woken += 1
 
     def close(self) -> None:
-        self.closed = True
+        with self._lock:
+            self.closed = True
+            self.generation += 1
+            self._rescan = True  # closed: every parked waiter counts as changed
         self._wake()
 
     async def wait(self, generation: int, timeout: float, unchanged: Callable[[], bool] | None = None) -> None:
         """Return when anything changed after `generation` was read, or after `timeout`.
 
-        `unchanged`, if given, is a cheap check (run on the loop at each change) that is true while
-        nothing the caller reads has changed; the caller then sleeps through that change."""
+        `unchanged`, if given, is a cheap check (run at each change, possibly on the Raft tick
+        thread) that is true while nothing the caller reads has changed; the caller then sleeps
+        through that change. It must only read state (under the store's lock)."""
         if self.closed:
             # Shutting down: nothing will change any more. Sleep rather than return, so that a
             # loop around wait() still yields and can be cancelled.
             await asyncio.sleep(timeout)
             return
-        if self.generation != generation or timeout <= 0:
+        if timeout <= 0:
             return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._waiters.append((fut, unchanged))
+        with self._lock:
+            if self.generation != generation:
+                return
+            self._waiters.append((fut, unchanged))
         # A timer that settles the future, not wait_for(shield(...)): those wrap it in two more
         # futures and callbacks, per round of every blocking query.
         timer = loop.call_later(timeout, _settle_if_pending, fut)

@@ -491,11 +491,16 @@ def config_list(store: StateStore, kind: str) -> tuple[Index, list[dict]]:
 
 def catalog_snapshot_index(store: StateStore) -> Index:
     """catalog_snapshot's index without building it."""
+    return tables_index(store, SNAPSHOT_TABLES)
+
+
+def tables_index(store: StateStore, tables: tuple[str, ...]) -> Index:
+    """The last index that changed any of `tables`: a stamp for a watcher of those tables."""
     with store.lock:
-        return _table(store, *_SNAPSHOT_TABLES)
+        return _table(store, *tables)
 
 
-_SNAPSHOT_TABLES = ("nodes", "services", "checks", "config")
+SNAPSHOT_TABLES = ("nodes", "services", "checks", "config")
 
 
 def catalog_snapshot(store: StateStore) -> tuple[Index, dict[str, Any]]:
@@ -509,7 +514,7 @@ def catalog_snapshot(store: StateStore) -> tuple[Index, dict[str, Any]]:
                 gateways = ingress.setdefault(exposed.get("Name", ""), [])
                 if gateway not in gateways:
                     gateways.append(gateway)
-    return _table(store, *_SNAPSHOT_TABLES), {
+    return _table(store, *SNAPSHOT_TABLES), {
         "Nodes": [store.nodes[n] for n in sorted(store.nodes)],
         "Services": services,
         "Checks": checks,

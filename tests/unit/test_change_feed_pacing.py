@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from lictor.registry import raft
 from lictor.registry.raft import ChangeFeed
@@ -123,3 +124,73 @@ def test_a_failing_change_check_wakes_its_waiter_and_spares_the_others() -> None
         return len(done)
 
     assert asyncio.run(scenario()) == 2
+
+
+def test_a_change_no_parked_waiter_sees_does_not_wake_the_loop() -> None:
+    """The checks run on the notifying thread (the Raft tick thread in a server): when every parked
+    waiter's view is unchanged, nothing is handed to the loop at all."""
+
+    async def scenario() -> tuple[int, int, int, bool, int]:
+        loop = asyncio.get_running_loop()
+        feed = ChangeFeed()
+        feed.bind(loop)
+        stamp = {"web": 5}
+        handed: list[object] = []
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args):  # noqa: ANN001, ANN202 - the loop's own signature
+            handed.append(callback)
+            return real(callback, *args)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        watcher = asyncio.create_task(feed.wait(feed.generation, 5.0, lambda: stamp["web"] == 5))
+        await asyncio.sleep(0)
+        unrelated = threading.Thread(target=feed.notify)  # a KV write, applied on another thread
+        unrelated.start()
+        unrelated.join(5)
+        handed_after_unrelated = len(handed)
+        stamp["web"] = 6
+        related = threading.Thread(target=feed.notify)
+        related.start()
+        related.join(5)
+        await asyncio.wait_for(watcher, 5)
+        return handed_after_unrelated, len(handed), feed.wakes_skipped, watcher.done(), feed.generation
+
+    handed_unrelated, handed_total, skipped, woken, generation = asyncio.run(scenario())
+    assert (handed_unrelated, handed_total, skipped, woken, generation) == (0, 1, 1, True, 2)
+
+
+def test_a_query_between_its_read_and_its_wait_sees_a_change_nobody_was_woken_for() -> None:
+    """The generation moves with every change, woken or not: a query that read the state before a
+    change and parks after it returns at once instead of sleeping through it."""
+
+    async def scenario() -> bool:
+        feed = ChangeFeed()
+        feed.bind(asyncio.get_running_loop())
+        generation = feed.generation  # read ...
+        feed.notify()  # ... a change lands, no waiter is parked ...
+        task = asyncio.create_task(feed.wait(generation, 5.0, lambda: True))  # ... then it parks
+        await asyncio.sleep(0)
+        return task.done()
+
+    assert asyncio.run(scenario())
+
+
+def test_changes_while_a_wake_is_pending_are_checked_when_it_runs() -> None:
+    """Several changes in one tick hand over one wake; a waiter whose view changed in a later one
+    of them is checked and woken by that same wake."""
+
+    async def scenario() -> tuple[bool, bool, int]:
+        feed = ChangeFeed()
+        feed.bind(asyncio.get_running_loop())
+        stamp = {"web": 5}
+        plain = asyncio.create_task(feed.wait(feed.generation, 5.0))
+        watcher = asyncio.create_task(feed.wait(feed.generation, 5.0, lambda: stamp["web"] == 5))
+        await asyncio.sleep(0)
+        feed.notify()  # wakes `plain`; the wake is pending until the loop runs it
+        stamp["web"] = 6
+        feed.notify()  # pending: only noted
+        done, _ = await asyncio.wait([plain, watcher], timeout=5)
+        return plain in done, watcher in done, feed.wakes_skipped
+
+    assert asyncio.run(scenario()) == (True, True, 0)
