@@ -53,6 +53,36 @@ AUTHENTICATED_FRAME_MAX = 512 * 1024 * 1024
 _frame_warned = [0.0]
 
 
+def _journal_writes_without_fstat() -> None:
+    """Make pysyncobj's journal check its mapping's length, not the file's, before each write.
+
+    `ResizableFile.write` called `mmap.size()`, an fstat, twice per Raft entry on every server. It
+    blocks while the raft-flush thread fsyncs the same file: in a profile of 3,000 writes one
+    follower's calls averaged 26 µs (the others 1.7 µs), a tenth of its tick thread's time. The
+    mapping covers the whole file (pysyncobj maps it with length 0 and only grows it through this
+    class), so its length is the file's size without a system call."""
+    from pysyncobj import journal
+
+    cls = journal.ResizableFile
+    if getattr(cls, "_lictor_no_fstat", False):
+        return
+    grow = cls._ResizableFile__extand  # type: ignore[attr-defined]
+
+    def write(self: Any, offset: int, values: bytes) -> None:
+        size = len(values)
+        while offset + size > len(self._ResizableFile__mm):
+            current = len(self._ResizableFile__mm)
+            wanted = max(int(current * self._ResizableFile__resizeFactor), offset + size)
+            try:
+                self._ResizableFile__mm.resize(wanted)
+            except (SystemError, OSError):
+                grow(self, wanted - current)
+        self._ResizableFile__mm[offset:offset + size] = values
+
+    cls.write = write  # type: ignore[method-assign]
+    cls._lictor_no_fstat = True  # type: ignore[attr-defined]
+
+
 def _limit_raft_frames() -> None:
     """Make pysyncobj hang up on a frame longer than the limits above instead of buffering it."""
     from pysyncobj import tcp_connection
@@ -603,6 +633,7 @@ class RaftLog(ConsensusLog):
             **s.extra,
         )
         _limit_raft_frames()
+        _journal_writes_without_fstat()
         raft_wire.install()
         self._consumer, node_class = _build_replicated(self.store)
         # SyncObj binds its port and starts its tick thread in the constructor; it must be built
