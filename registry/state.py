@@ -95,10 +95,35 @@ class StateStore:
         self.listeners: list[Callable[[int], None]] = []
         self.read_cache: dict[Any, Any] = {}  # views.read_shared_entry's cache; never replicated
         self.block_cache: dict[Any, Any] = {}  # views.health_service_body's per-node shares; never replicated
+        self._index_instances()
+
+    # Derived from `services`, kept by every write, for views that serve one service name on one node
+    # (a health answer's per-node share, catalog/services' per-node tags): a client node holds hundreds
+    # of services, and a registration of one name used to make every name's share on it stale and be
+    # rebuilt by scanning all of them.
+    #   names_on_node[node][name]: the IDs of `name`'s instances on `node`, in `services[node]` order;
+    #   instance_version[(node, name)]: the index that last changed one of them or their checks;
+    #   node_version[node]: the index that last changed the node's record or its node-level checks.
+    def _index_instances(self) -> None:
+        self.names_on_node: dict[str, dict[str, dict[str, None]]] = {}
+        self.instance_version: dict[tuple[str, str], int] = {}
+        self.node_version: dict[str, int] = {}
+        for node in self.services:
+            self._reindex_node(node)
+
+    def _reindex_node(self, node: str) -> None:
+        names: dict[str, dict[str, None]] = {}
+        for service_id, service in self.services.get(node, {}).items():
+            names.setdefault(service["Service"], {})[service_id] = None
+        self.names_on_node[node] = names
+
+    def _touch_instances(self, node: str, name: str) -> None:
+        self.instance_version[(node, name)] = self.index
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for runtime_only in ("lock", "listeners", "read_cache", "block_cache"):
+        for runtime_only in ("lock", "listeners", "read_cache", "block_cache", "names_on_node", "instance_version",
+                             "node_version"):
             state.pop(runtime_only, None)
         return state
 
@@ -113,6 +138,7 @@ class StateStore:
                 setattr(self, key, value)
             self.read_cache.clear()  # the restored index may equal one we cached at
             self.block_cache.clear()
+            self._index_instances()
         self._notify()
 
     # -- applying --------------------------------------------------------------------------
@@ -167,6 +193,7 @@ class StateStore:
 
     def _touch_node(self, node: str) -> None:
         self.node_index[node] = self.index
+        self.node_version[node] = self.index
         self._touch("nodes")
         # Node-level facts (address, node checks) are part of every service entry on the node.
         for service in self.services.get(node, {}).values():
@@ -211,12 +238,19 @@ class StateStore:
             record["CreateIndex"] = existing["CreateIndex"]
             if existing["Service"] != record["Service"]:
                 self._touch_service(existing["Service"])
+                self._touch_instances(node, existing["Service"])
         else:
             record["CreateIndex"] = self.index
         record["ModifyIndex"] = self.index
         services[service["ID"]] = record
+        names = self.names_on_node.setdefault(node, {})
+        if existing is not None and existing["Service"] != record["Service"]:
+            self._reindex_node(node)  # renamed in place: its position in services[node] is kept
+        else:
+            names.setdefault(record["Service"], {})[record["ID"]] = None
         self.node_index[node] = self.index
         self._touch_service(record["Service"])
+        self._touch_instances(node, record["Service"])
         # Service checks carry the service's name and tags.
         for check in self.checks.get(node, {}).values():
             if check.get("ServiceID") == record["ID"]:
@@ -259,6 +293,7 @@ class StateStore:
             if rec.get("ServiceID"):
                 if rec.get("ServiceName"):
                     self._touch_service(rec["ServiceName"])
+                    self._touch_instances(node, rec["ServiceName"])
             else:
                 self._touch_node(node)
 
@@ -280,6 +315,12 @@ class StateStore:
                 self._delete_check(node, check_id)
         self.node_index[node] = self.index
         self._touch_service(record["Service"])
+        self._touch_instances(node, record["Service"])
+        same_name = self.names_on_node.get(node, {}).get(record["Service"])
+        if same_name is not None:
+            same_name.pop(service_id, None)
+            if not same_name:
+                del self.names_on_node[node][record["Service"]]
         return True
 
     def _delete_node(self, node: str) -> bool:
@@ -292,6 +333,7 @@ class StateStore:
         del self.nodes[node]
         self.services.pop(node, None)
         self.checks.pop(node, None)
+        self.names_on_node.pop(node, None)
         self._touch_node(node)
         return True
 
@@ -651,6 +693,9 @@ class StateStore:
             s["Service"]: index for services in self.services.values() for s in services.values()
         }
         self.node_index = {name: index for name in set(self.node_index) | set(self.nodes)}
+        self.read_cache.clear()
+        self.block_cache.clear()
+        self._index_instances()
         return _ok(True)
 
     # -- ACLs ---------------------------------------------------------------------------------

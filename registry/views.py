@@ -167,17 +167,18 @@ def catalog_nodes(store: StateStore, node_meta: list[tuple[str, str]] = ()) -> t
 
 def catalog_services(store: StateStore, node_meta: list[tuple[str, str]] = ()) -> tuple[Index, dict[str, list]]:
     # name -> tags as dict keys: deduplicated in first-seen order (nodes in order, then each node's
-    # services in order), merged from per-node summaries that are rebuilt only for the node that
-    # changed: a registration on a node of 270 services no longer rescans all 540 (0.3 ms per
-    # rebuild on this box).
+    # services in order), merged from per-(node, name) summaries that are rebuilt only for the name
+    # whose instances on that node changed: a registration on a node of 270 services rescans the
+    # ~50 of its name there, not all 270 (state.py: names_on_node, instance_version).
     result: dict[str, dict[str, None]] = {}
-    summaries = store.read_cache.get(_NODE_TAGS)
+    summaries = store.read_cache.get(_NAME_TAGS)
     if summaries is None:
-        summaries = store.read_cache[_NODE_TAGS] = {}
+        summaries = store.read_cache[_NAME_TAGS] = {}
     for node, services in store.services.items():
         if node_meta and not _meta_match(store.nodes.get(node, {}).get("Meta", {}), list(node_meta)):
             continue
-        for name, tags in _node_tags(store, summaries, node, services).items():
+        for name, ids in store.names_on_node.get(node, {}).items():
+            tags = _name_tags(store, summaries, node, name, services, ids)
             merged = result.get(name)
             if merged is None:
                 result[name] = dict(tags)
@@ -186,27 +187,25 @@ def catalog_services(store: StateStore, node_meta: list[tuple[str, str]] = ()) -
     return _table(store, "services", "nodes"), {name: list(result[name]) for name in sorted(result)}
 
 
-_NODE_TAGS = ("catalog_services", "per-node tags")  # the read_cache key of the per-node summaries
+_NAME_TAGS = ("catalog_services", "per-node tags")  # the read_cache key of the per-(node, name) summaries
 
 
-def _node_tags(store: StateStore, summaries: dict[str, Any], node: str,
-               services: dict[str, dict[str, Any]]) -> dict[str, dict[str, None]]:
-    """One node's services as name -> tags (first-seen order), reused while the node's index and
-    its services table are unchanged (every write to a node's services moves its index)."""
-    version = store.node_index.get(node)
-    hit = summaries.get(node)
-    if hit is not None and version is not None and hit[0] == version and hit[1] is services:
-        return hit[2]
-    summary: dict[str, dict[str, None]] = {}
-    for service in services.values():
-        tags = summary.get(service["Service"])
-        if tags is None:
-            tags = summary[service["Service"]] = {}
-        for tag in service.get("Tags") or ():
+def _name_tags(store: StateStore, summaries: dict[tuple[str, str], Any], node: str, name: str,
+               services: dict[str, dict[str, Any]], ids: dict[str, None]) -> dict[str, None]:
+    """The tags of `name`'s instances on `node` (first-seen order), reused while none of them changed."""
+    key = (node, name)
+    version = store.instance_version.get(key, 0)
+    hit = summaries.get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    tags: dict[str, None] = {}
+    for service_id in ids:
+        for tag in services[service_id].get("Tags") or ():
             tags[tag] = None
-    if version is not None:
-        summaries[node] = (version, services, summary)
-    return summary
+    if len(summaries) >= 65536:  # bounded: names and nodes that come and go can't grow it forever
+        summaries.clear()
+    summaries[key] = (version, tags)
+    return tags
 
 
 def catalog_service_entry(node: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
@@ -331,8 +330,9 @@ def health_service_body(
     Under churn every health read after a registration was a full rebuild: ~110 us for a
     100-instance answer on the soak's catalog (the view, then orjson), on the read's own path. Here
     each node's share of the answer (its instances of `name`, encoded) is kept in
-    `store.block_cache` under the node's change index, which every write to the node's record,
-    services or checks moves (state.py), so only the changed nodes' shares are rebuilt. The bytes
+    `store.block_cache` under the versions of the node's record and of `name`'s instances on it
+    (state.py: node_version, instance_version), so only the shares that changed are rebuilt: a
+    registration of another name on the same node leaves this one's share as it was. The bytes
     are those `compact_json` gives for the whole list: orjson writes a list as its elements' own
     encodings joined by commas."""
     if connect:
@@ -345,7 +345,7 @@ def health_service_body(
         cache.clear()
     blocks = []
     for node_name in sorted(store.services):
-        version = store.node_index.get(node_name, 0)
+        version = (store.node_version.get(node_name, 0), store.instance_version.get((node_name, name), 0))
         key = (node_name, filters)
         hit = cache.get(key)
         if hit is None or hit[0] != version:
@@ -362,7 +362,7 @@ def _health_block(store: StateStore, node_name: str, name: str, passing: bool, t
     if node is None or (node_meta and not _meta_match(node.get("Meta", {}), node_meta)):
         return b""
     services = store.services.get(node_name, {})
-    ids = sorted(service_id for service_id, service in services.items() if service["Service"] == name)
+    ids = sorted(store.names_on_node.get(node_name, {}).get(name, ()))
     if not ids:
         return b""
     grouped = _NodeChecks(store.checks.get(node_name, {}))

@@ -55,3 +55,31 @@ def test_same_answer_as_the_full_scan_after_every_change(seed: int) -> None:
             store.replace_with(pickle.loads(pickle.dumps(store)))
             with store.lock:
                 assert views.catalog_services(store)[1] == reference(store)
+
+
+def derived_names(store: StateStore) -> dict[str, dict[str, list[str]]]:
+    """names_on_node as a scan of `services` gives it: per node, each name's IDs in services order."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for node, services in store.services.items():
+        names: dict[str, list[str]] = {}
+        for service_id, service in services.items():
+            names.setdefault(service["Service"], []).append(service_id)
+        out[node] = names
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_per_name_index_follows_every_write_restore_and_snapshot(seed: int) -> None:
+    rng = random.Random(seed)
+    store = StateStore()
+    for step in range(150):
+        store.apply(random_command(rng))
+        roll = rng.random()
+        if roll < 0.04:  # a snapshot installed by pysyncobj (pickle)
+            store = pickle.loads(pickle.dumps(store))
+        elif roll < 0.08:  # PUT /v1/snapshot: the restore command
+            store.apply({"op": "restore", "State": store.export()})
+        indexed = {node: {name: list(ids) for name, ids in names.items()}
+                   for node, names in store.names_on_node.items() if names}
+        assert indexed == {node: names for node, names in derived_names(store).items() if names}, step
+        assert set(store.names_on_node) <= set(store.services), step
