@@ -95,6 +95,7 @@ class StateStore:
         self.listeners: list[Callable[[int], None]] = []
         self.read_cache: dict[Any, Any] = {}  # views.read_shared_entry's cache; never replicated
         self.block_cache: dict[Any, Any] = {}  # views.health_service_body's per-node shares; never replicated
+        self.entry_cache: dict[Any, Any] = {}  # views._health_block's encoded instances; never replicated
         self._index_instances()
 
     # Derived from `services`, kept by every write, for views that serve one service name on one node
@@ -103,10 +104,12 @@ class StateStore:
     # rebuilt by scanning all of them.
     #   names_on_node[node][name]: the IDs of `name`'s instances on `node`, in `services[node]` order;
     #   instance_version[(node, name)]: the index that last changed one of them or their checks;
+    #   service_version[(node, service ID)]: the same for one instance;
     #   node_version[node]: the index that last changed the node's record or its node-level checks.
     def _index_instances(self) -> None:
         self.names_on_node: dict[str, dict[str, dict[str, None]]] = {}
         self.instance_version: dict[tuple[str, str], int] = {}
+        self.service_version: dict[tuple[str, str], int] = {}
         self.node_version: dict[str, int] = {}
         for node in self.services:
             self._reindex_node(node)
@@ -117,13 +120,15 @@ class StateStore:
             names.setdefault(service["Service"], {})[service_id] = None
         self.names_on_node[node] = names
 
-    def _touch_instances(self, node: str, name: str) -> None:
+    def _touch_instances(self, node: str, name: str, service_id: str = "") -> None:
         self.instance_version[(node, name)] = self.index
+        if service_id:
+            self.service_version[(node, service_id)] = self.index
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for runtime_only in ("lock", "listeners", "read_cache", "block_cache", "names_on_node", "instance_version",
-                             "node_version"):
+        for runtime_only in ("lock", "listeners", "read_cache", "block_cache", "entry_cache", "names_on_node",
+                             "instance_version", "service_version", "node_version"):
             state.pop(runtime_only, None)
         return state
 
@@ -138,6 +143,7 @@ class StateStore:
                 setattr(self, key, value)
             self.read_cache.clear()  # the restored index may equal one we cached at
             self.block_cache.clear()
+            self.entry_cache.clear()
             self._index_instances()
         self._notify()
 
@@ -250,7 +256,7 @@ class StateStore:
             names.setdefault(record["Service"], {})[record["ID"]] = None
         self.node_index[node] = self.index
         self._touch_service(record["Service"])
-        self._touch_instances(node, record["Service"])
+        self._touch_instances(node, record["Service"], record["ID"])
         # Service checks carry the service's name and tags.
         for check in self.checks.get(node, {}).values():
             if check.get("ServiceID") == record["ID"]:
@@ -293,7 +299,7 @@ class StateStore:
             if rec.get("ServiceID"):
                 if rec.get("ServiceName"):
                     self._touch_service(rec["ServiceName"])
-                    self._touch_instances(node, rec["ServiceName"])
+                    self._touch_instances(node, rec["ServiceName"], rec["ServiceID"])
             else:
                 self._touch_node(node)
 
@@ -315,7 +321,7 @@ class StateStore:
                 self._delete_check(node, check_id)
         self.node_index[node] = self.index
         self._touch_service(record["Service"])
-        self._touch_instances(node, record["Service"])
+        self._touch_instances(node, record["Service"], service_id)
         same_name = self.names_on_node.get(node, {}).get(record["Service"])
         if same_name is not None:
             same_name.pop(service_id, None)
@@ -695,6 +701,7 @@ class StateStore:
         self.node_index = {name: index for name in set(self.node_index) | set(self.nodes)}
         self.read_cache.clear()
         self.block_cache.clear()
+        self.entry_cache.clear()
         self._index_instances()
         return _ok(True)
 

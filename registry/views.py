@@ -365,15 +365,32 @@ def _health_block(store: StateStore, node_name: str, name: str, passing: bool, t
     ids = sorted(store.names_on_node.get(node_name, {}).get(name, ()))
     if not ids:
         return b""
-    grouped = _NodeChecks(store.checks.get(node_name, {}))
+    # Each instance's encoding is kept under the versions of its node (record, node-level checks)
+    # and of the instance itself (record, checks): a share is rebuilt because one instance of its
+    # name on the node changed, and the others' encodings, most of that rebuild, stay valid.
+    cache = store.entry_cache
+    if len(cache) >= 262144:  # bounded: instances that come and go can't grow it forever
+        cache.clear()
+    node_version = store.node_version.get(node_name, 0)
+    grouped: _NodeChecks | None = None
     encoded = []
     for service_id in ids:
         service = services[service_id]
         if tags and not _tags_match(service, tags):
             continue
-        entry = _health_entry(node, service, grouped, passing)
-        if entry is not None:
-            encoded.append(compact_json(entry))
+        key = (node_name, service_id)
+        version = (node_version, store.service_version.get(key, 0))
+        hit = cache.get(key)
+        if hit is None or hit[0] != version:
+            if grouped is None:
+                grouped = _NodeChecks(store.checks.get(node_name, {}))
+            entry = _health_entry(node, service, grouped, False)
+            assert entry is not None
+            all_passing = all(check["Status"] == "passing" for check in entry["Checks"])
+            hit = cache[key] = (version, all_passing, compact_json(entry))
+        if passing and not hit[1]:
+            continue  # `?passing` drops an instance with any check not passing
+        encoded.append(hit[2])
     return b",".join(encoded)
 
 

@@ -81,6 +81,53 @@ def test_the_cached_reply_path_uses_it_and_a_snapshot_restore_drops_its_blocks()
     other.apply({"op": "register", "Node": "n1", "Address": "10.0.0.2",
                  "Service": {"ID": "w2", "Service": "web", "Port": 2, "Tags": []}})
     store.replace_with(other)  # same node name and, here, the same node index: must not be reused
-    assert not store.block_cache
+    assert not store.block_cache and not store.entry_cache
     entry = views.read_shared_entry(store, views.health_service_entries, "web", as_body=True)
     assert [e["Service"]["ID"] for e in json.loads(entry.body())] == ["w2"]
+
+
+def test_a_changed_instance_is_the_only_one_encoded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's share of a name is rebuilt when one of its instances changes; the others' encodings
+    are reused (a client node in the soak holds ~50 instances of each name)."""
+    store = StateStore()
+    for i in range(20):
+        store.apply({"op": "register", "Node": "c1", "Address": "10.0.0.1",
+                     "Service": {"ID": f"w{i}", "Service": "web", "Port": i, "Tags": []},
+                     "Checks": [{"CheckID": f"service:w{i}", "Name": "svc", "ServiceID": f"w{i}", "Status": "passing"}]})
+    with store.lock:
+        views.health_service_body(store, "web")
+    encodes: list[object] = []
+    real = views.compact_json
+
+    def counting(data: object) -> bytes:
+        encodes.append(data)
+        return real(data)
+
+    monkeypatch.setattr(views, "compact_json", counting)
+    store.apply({"op": "check_status", "Node": "c1", "CheckID": "service:w7", "Status": "critical"})
+    with store.lock:
+        assert views.health_service_body(store, "web", passing=True)[1] == whole(store, "web", passing=True)
+        assert views.health_service_body(store, "web")[1] == whole(store, "web")
+    assert [e["Service"]["ID"] for e in encodes if isinstance(e, dict)] == ["w7"]  # once, for both filters
+    encodes.clear()
+    store.apply({"op": "register", "Node": "c1", "Address": "10.0.0.9"})  # the node record: every entry shows it
+    with store.lock:
+        assert views.health_service_body(store, "web")[1] == whole(store, "web")
+    assert len([e for e in encodes if isinstance(e, dict)]) == 20
+
+
+def test_a_restored_instance_of_the_same_id_is_not_served_from_before() -> None:
+    """PUT /v1/snapshot: versions start again after a restore, so the encodings made before it go,
+    even those made between two restores, when every version read 0."""
+    store = StateStore()
+    snapshots = []
+    for port in (1, 2):
+        store.apply({"op": "register", "Node": "n1", "Address": "10.0.0.1",
+                     "Service": {"ID": "w1", "Service": "web", "Port": port, "Tags": []}})
+        snapshots.append(store.export())
+    for saved, port in ((snapshots[0], 1), (snapshots[1], 2), (snapshots[0], 1)):
+        store.apply({"op": "restore", "State": saved})
+        with store.lock:
+            body = views.health_service_body(store, "web")[1]
+        assert body == whole(store, "web")
+        assert json.loads(body)[0]["Service"]["Port"] == port
