@@ -62,6 +62,11 @@ class CommandError(Exception):
         self.status = status
 
 
+# Attributes made by _init_runtime: neither replicated nor pickled.
+_RUNTIME_ONLY = ("lock", "listeners", "read_cache", "block_cache", "entry_cache", "names_on_node",
+                 "instance_version", "service_version", "node_version")
+
+
 class StateStore:
     """All replicated data as plain dicts. Reads take `lock`; apply runs under it too."""
 
@@ -98,6 +103,14 @@ class StateStore:
         self.entry_cache: dict[Any, Any] = {}  # views._health_block's encoded instances; never replicated
         self._index_instances()
 
+    def _reset_derived(self) -> None:
+        """After every table was replaced (restore): the views' caches go and the index is rebuilt.
+        The restored index may equal one a cache entry was made at, and versions start again at 0."""
+        self.read_cache.clear()
+        self.block_cache.clear()
+        self.entry_cache.clear()
+        self._index_instances()
+
     # Derived from `services`, kept by every write, for views that serve one service name on one node
     # (a health answer's per-node share, catalog/services' per-node tags): a client node holds hundreds
     # of services, and a registration of one name used to make every name's share on it stale and be
@@ -127,8 +140,7 @@ class StateStore:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for runtime_only in ("lock", "listeners", "read_cache", "block_cache", "entry_cache", "names_on_node",
-                             "instance_version", "service_version", "node_version"):
+        for runtime_only in _RUNTIME_ONLY:
             state.pop(runtime_only, None)
         return state
 
@@ -141,10 +153,7 @@ class StateStore:
         with self.lock:
             for key, value in other.__getstate__().items():
                 setattr(self, key, value)
-            self.read_cache.clear()  # the restored index may equal one we cached at
-            self.block_cache.clear()
-            self.entry_cache.clear()
-            self._index_instances()
+            self._reset_derived()
         self._notify()
 
     # -- applying --------------------------------------------------------------------------
@@ -249,11 +258,10 @@ class StateStore:
             record["CreateIndex"] = self.index
         record["ModifyIndex"] = self.index
         services[service["ID"]] = record
-        names = self.names_on_node.setdefault(node, {})
         if existing is not None and existing["Service"] != record["Service"]:
             self._reindex_node(node)  # renamed in place: its position in services[node] is kept
         else:
-            names.setdefault(record["Service"], {})[record["ID"]] = None
+            self.names_on_node.setdefault(node, {}).setdefault(record["Service"], {})[record["ID"]] = None
         self.node_index[node] = self.index
         self._touch_service(record["Service"])
         self._touch_instances(node, record["Service"], record["ID"])
@@ -699,10 +707,7 @@ class StateStore:
             s["Service"]: index for services in self.services.values() for s in services.values()
         }
         self.node_index = {name: index for name in set(self.node_index) | set(self.nodes)}
-        self.read_cache.clear()
-        self.block_cache.clear()
-        self.entry_cache.clear()
-        self._index_instances()
+        self._reset_derived()
         return _ok(True)
 
     # -- ACLs ---------------------------------------------------------------------------------
