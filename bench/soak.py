@@ -422,6 +422,41 @@ async def loop_lag(state: State, lags: list[float], period: float = 0.01) -> Non
         lags.append(time.monotonic() - start - period)
 
 
+def peer_ports(pid: int) -> list[int]:
+    """Remote ports of a process's established loopback TCP connections (from /proc/net/tcp)."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+        rows = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return []
+    ports = []
+    for row in rows:
+        cols = row.split()
+        if cols[3] == "01" and cols[9] in inodes:  # ESTABLISHED, owned by this process
+            ports.append(int(cols[2].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def placement(cluster: Cluster, agents: list[AgentProc], leader: str) -> dict[str, str]:
+    """Which server each client agent forwards to (it sticks to one until it fails): the soak's
+    cost depends on it (a follower forwards writes to the leader), so a run's report names it."""
+    by_port = {s.http_port: s.name for s in cluster.servers}
+    out = {}
+    for agent in agents:
+        if agent.proc is None or not agent.alive():
+            continue
+        names = sorted({by_port[p] for p in peer_ports(agent.proc.pid) if p in by_port})
+        out[agent.name] = ",".join(f"{n}{' (leader)' if n == leader else ''}" for n in names) or "none"
+    return out
+
+
 def box_busy() -> float:
     """Core-seconds the whole box has been busy (other tenants' work included); the difference of two
     calls over the wall time between them is the average number of busy cores."""
@@ -607,6 +642,7 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         gen_cpu0 = time.process_time()
 
         leader = await asyncio.to_thread(cluster.leader_proc)
+        out["client_agent_servers"] = placement(cluster, agents, leader.name)
         victim_client = agents[-1]
         restarted_at = 0.0
 
@@ -774,6 +810,8 @@ def report(out: dict[str, Any]) -> None:
     for what, lag in lags:
         print(f"{what}: p50 {lag['p50']:.1f} / p99 {lag['p99']:.1f} / max {lag['max']:.1f} ms")
     print(f"events: {out['events']}")
+    if out.get("client_agent_servers"):
+        print(f"client agents forward to (at the load's start): {out['client_agent_servers']}")
     print(f"invariants: no acked write lost={inv['no_acked_write_lost']}  memory bounded={inv['memory_bounded']}  "
           f"read p99 ratio={inv['read_p99_ratio']:.2f} (within 2x: {inv['read_p99_within_2x']})")
 
