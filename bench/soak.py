@@ -12,7 +12,8 @@ Invariants checked afterwards (exit status 1 if the first two fail; the p99 one 
 - p99 of reads under load is within 2x the unloaded p99 measured at the start of the same run,
   on the same catalog (each load client registers its 3 services before the baseline, and during
   the load replaces one when it holds 3, so the catalog churns instead of growing); the same
-  unloaded reads are measured again after the load as a cross-check. The baseline runs 10 s
+  unloaded reads are measured again after the load as a cross-check (the ratio against both unloaded
+  runs pooled, twice the reads and a steadier p99, is reported beside the invariant). The baseline runs 10 s
   (`--baseline`): over the 4 s used until 2026-12-04 its p99, the 15th slowest of ~1,550 reads,
   moved 0.97-1.43 ms between identical runs, most of the ratio's noise. A read's latency runs from
   handing the request to the kernel to the kernel's arrival stamp on the last segment of the answer
@@ -727,6 +728,10 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
         out["cpu_cores_after_load"] = {p.name: (cpu_seconds(p.proc.pid) - cpu0[p.name]) / baseline_secs for p in live
                                        if p.alive()}
         out["unloaded_after"] = {"reads": len(after), "p50_ms": pct(after, 50) * 1e3, "p99_ms": pct(after, 99) * 1e3}
+        # Both unloaded runs pooled: twice the reads, so a steadier estimate of the unloaded p99 (one
+        # 10 s baseline's p99 moved 1.5-2.8 ms between identical runs). Reported beside the
+        # invariant, which stays against the baseline taken before the load.
+        out["unloaded_pooled_p99_ms"] = pct(baseline + after, 99) * 1e3
         memory: dict[str, Any] = {}
         for name, points in rss.items():
             proc = targets[name]
@@ -752,6 +757,7 @@ async def run_soak(root: Path, duration: float = 30.0, clients: int = 200, think
                                   for n in servers_checked if memory[n]["rss_at_10s_mib"]),
             "read_p99_ratio": ratio,
             "read_p99_within_2x": ratio <= 2.0,
+            "read_p99_ratio_pooled_baselines": out["loaded"]["read_p99_ms"] / max(out["unloaded_pooled_p99_ms"], 1e-9),
             "client_seen_read_p99_ratio": seen_ratio,
         }
         out["post_idle_rss_mib"] = {p.name: rss_kib(p.proc.pid) / 1024 for p in cluster.servers if p.proc and p.alive()}
@@ -813,7 +819,8 @@ def report(out: dict[str, Any]) -> None:
     if out.get("client_agent_servers"):
         print(f"client agents forward to (at the load's start): {out['client_agent_servers']}")
     print(f"invariants: no acked write lost={inv['no_acked_write_lost']}  memory bounded={inv['memory_bounded']}  "
-          f"read p99 ratio={inv['read_p99_ratio']:.2f} (within 2x: {inv['read_p99_within_2x']})")
+          f"read p99 ratio={inv['read_p99_ratio']:.2f} (within 2x: {inv['read_p99_within_2x']}; against both "
+          f"unloaded runs pooled, p99 {out['unloaded_pooled_p99_ms']:.2f} ms: {inv['read_p99_ratio_pooled_baselines']:.2f})")
 
 
 def main() -> int:
