@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
 import random
 import socket
+import sqlite3
 import ssl
 import time
 import uuid
@@ -254,11 +256,20 @@ class LocalStore:
         delete_checks: list[str] = (),
         meta: dict[str, str] | None = None,
     ) -> None:
-        """One transaction, so a registration and its checks are stored together or not at all."""
+        """One transaction, so a registration and its checks are stored together or not at all.
+
+        A change that cannot be stored (a full disk, an I/O error) is refused whole: the caller
+        applies it in memory only after this returns, so nothing is acknowledged that a restart
+        would forget. The refusal says why: 507 when the disk is full, 500 otherwise."""
         if self.db is None:
             return
         async with self.lock:
-            await self._write_locked(self.db, services, checks, delete_services, delete_checks, meta)
+            try:
+                await self._write_locked(self.db, services, checks, delete_services, delete_checks, meta)
+            except (sqlite3.DatabaseError, OSError) as exc:
+                if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.IntegrityError, sqlite3.DataError)):
+                    raise  # a bug in what we asked SQLite to store, not the disk
+                raise store_failure(exc, self.path) from exc
 
     async def _write_locked(
         self,
@@ -291,6 +302,18 @@ class LocalStore:
         if self.db is not None:
             await self.db.close()
             self.db = None
+
+
+def store_failure(exc: BaseException, path: str | None) -> APIError:
+    """The API error for a change the agent's store could not take, logged once per failure."""
+    where = os.path.dirname(path or "") or "."
+    full = getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or getattr(exc, "errno", None) == errno.ENOSPC
+    log.warning("storing a change in %s failed: %s; the change was refused", path, exc)
+    if full:
+        return APIError(f"The agent's disk is full: storing the change in {where} failed ({exc}). Nothing was "
+                        "applied; free space there and retry.", 507)
+    return APIError(f"The agent could not store the change in {where} ({type(exc).__name__}: {exc}). Nothing "
+                    "was applied.", 500)
 
 
 async def _in_one_transaction(db: aiosqlite.Connection, statements: list[tuple[str, tuple[Any, ...]]]) -> None:

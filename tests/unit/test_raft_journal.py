@@ -1,15 +1,21 @@
 """pysyncobj's journal file with Lictor's write path (registry/raft.py::_journal_writes_without_fstat):
-writes land where they should across growths, survive a reopen, and ask the kernel for no file size."""
+writes land where they should across growths, survive a reopen, and ask the kernel for no file size;
+disk blocks are reserved before the mapping is written, and a journal or vote that cannot be stored
+stops the server (registry/raft.py::stop_on_storage_failure) instead of a SIGBUS or a forgotten ack."""
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
 import random
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pysyncobj import journal
 
+from lictor.registry import raft
 from lictor.registry.raft import _journal_writes_without_fstat
 
 
@@ -63,3 +69,114 @@ def test_writes_grow_the_file_land_in_place_and_never_stat_it(tmp_path: Path) ->
     reopened = journal.ResizableFile(path, initialSize=1024)
     assert reopened.read(0, offset) == bytes(model[:offset])
     reopened._destroy()
+
+
+class Stopped(Exception):
+    pass
+
+
+@pytest.fixture
+def stops(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """`stop_on_storage_failure` raises instead of ending the test process."""
+    codes: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        codes.append(code)
+        raise Stopped(code)
+
+    monkeypatch.setattr(raft, "_exit", fake_exit)
+    return codes
+
+
+def test_blocks_are_reserved_before_the_mapping_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _journal_writes_without_fstat()
+    calls: list[tuple[int, int]] = []
+    real = os.posix_fallocate
+
+    def recording(fd: int, offset: int, length: int) -> None:
+        calls.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", recording)
+    f = journal.ResizableFile(str(tmp_path / "raft.journal"), initialSize=1024, defaultContent=b"\0" * 16)
+    f.write(0, b"a" * 100)
+    f.write(5000, b"b" * 100)  # a growth: reserved up to the new end of the mapping
+    f.write(raft.RESERVE_STEP + 10, b"c" * 10)  # past the first step: reserved again from where it stopped
+    assert calls[0] == (0, 1024)  # the mapping was 1 KiB: reserve what is mapped, up to a step
+    assert all(start + length <= len(f._ResizableFile__mm) for start, length in calls)
+    assert sum(length for _, length in calls) >= raft.RESERVE_STEP + 20
+    assert os.stat(tmp_path / "raft.journal").st_blocks * 512 >= raft.RESERVE_STEP  # real blocks, not a hole
+    f._destroy()
+
+
+def test_a_full_disk_stops_the_server_before_the_entry_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stops: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    _journal_writes_without_fstat()
+    f = journal.ResizableFile(str(tmp_path / "raft.journal"), initialSize=1024, defaultContent=b"\0" * 16)
+    f.write(0, b"kept")
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(Stopped):
+        f.write(2_000_000, b"lost")  # would map pages the disk has no blocks for
+    assert stops == [raft.STORAGE_FAILED_EXIT]
+    assert "No space left on device" in caplog.text and "raft.journal" in caplog.text
+    assert f.read(0, 4) == b"kept"
+    f._destroy()
+
+
+def test_a_nearly_full_disk_still_takes_the_write_that_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            stops: list[int]) -> None:
+    _journal_writes_without_fstat()
+    real = os.posix_fallocate
+    room = 64 * 1024
+
+    def nearly_full(fd: int, offset: int, length: int) -> None:
+        if offset + length > room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", nearly_full)
+    f = journal.ResizableFile(str(tmp_path / "raft.journal"), initialSize=1024, defaultContent=b"\0" * 16)
+    f.write(0, b"x" * 40_000)  # the 4 MiB step does not fit, this write does
+    assert stops == []
+    assert f.read(0, 40_000) == b"x" * 40_000
+    with pytest.raises(Stopped):
+        f.write(40_000, b"y" * 40_000)  # past the room: the server stops
+    f._destroy()
+
+
+def test_a_file_system_without_fallocate_still_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     stops: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    _journal_writes_without_fstat()
+
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    path = tmp_path / "raft.journal"
+    f = journal.ResizableFile(str(path), initialSize=1024, defaultContent=b"\0" * 16)
+    f.write(0, b"a" * 3000)
+    f.write(3000, b"b" * 3000)
+    assert stops == [] and f.read(2990, 20) == b"a" * 10 + b"b" * 10
+    assert caplog.text.count("cannot reserve disk blocks") == 1  # said once per file
+    f._destroy()
+
+
+def test_a_vote_that_cannot_be_stored_stops_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       stops: list[int]) -> None:
+    _journal_writes_without_fstat()
+    meta = journal.MetaStorer(str(tmp_path / "raft.journal.meta"))
+    meta.storeMeta({"currentTerm": 3, "votedForNodeId": "a"})
+    assert meta.getMeta()["currentTerm"] == 3
+
+    def full(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal.shutil, "move", full)
+    with pytest.raises(Stopped):
+        meta.storeMeta({"currentTerm": 4, "votedForNodeId": "b"})
+    assert stops == [raft.STORAGE_FAILED_EXIT]
+    assert meta.getMeta()["currentTerm"] == 3  # the old vote stands; the new one was never claimed
