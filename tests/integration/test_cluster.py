@@ -1,12 +1,13 @@
 """Three real server processes on loopback, driven by py-consul and httpx.
 
 Covers what the cluster promises: nothing acknowledged is lost through SIGKILL of the leader or
-of every server, a lagging follower catches up by snapshot, membership changes at run time, and
+of every server, or while the leader is cut off and comes back, a lagging follower catches up by snapshot, membership changes at run time, and
 no quorum answers 500 "No cluster leader" instead of hanging.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -123,6 +124,94 @@ def test_leader_killed_during_writes_loses_nothing(cluster: Cluster) -> None:
     leader.wait_ready()
     wait_until(lambda: expected <= all_keys(leader, "w"), 30, what="old leader caught up")
     assert resumed_after < 15, f"writes took {resumed_after:.1f}s to resume"
+
+
+def test_a_leader_cut_off_and_back_acknowledges_only_what_the_majority_kept(cluster: Cluster) -> None:
+    """The leader is cut off (SIGSTOP: it stops answering its peers and clients alike, as behind a
+    partition or a long VM pause) while writes go on. The other two elect a leader and keep
+    acknowledging; a write sent to the cut-off leader waits in its socket. Back (SIGCONT), the old
+    leader still thinks it leads until it hears the new term: whatever it acknowledges then must be
+    what the majority committed, and every acknowledged write and intention is on every server."""
+    urls = [s.url for s in cluster.servers]
+    stop, acked, errors = threading.Event(), [], []
+    shunned: dict[str, float] = {}  # url -> until when the writers avoid it (it timed out)
+
+    def writer(prefix: str) -> None:
+        """Like write_stream, but a server that timed out is avoided for 3 s, as a client would."""
+        with httpx.Client(timeout=2.0) as client:
+            for i in range(5000):
+                if stop.is_set():
+                    return
+                key = f"{prefix}/{i:05d}"
+                for attempt in range(60):
+                    fresh = [u for u in urls if shunned.get(u, 0) < time.monotonic()] or urls
+                    url = fresh[(i + attempt) % len(fresh)]
+                    try:
+                        resp = client.put(f"{url}/v1/kv/{key}", content=key.encode())
+                    except httpx.HTTPError as exc:
+                        shunned[url] = time.monotonic() + 3.0
+                        errors.append(repr(exc))
+                        continue
+                    if resp.status_code == 200 and resp.json() is True:
+                        acked.append(key)
+                        break
+                    errors.append(f"{resp.status_code} {resp.text[:80]}")
+                    time.sleep(0.1)
+
+    writers = [threading.Thread(target=writer, args=(f"cut{n}",)) for n in range(3)]
+    for w in writers:
+        w.start()
+    try:
+        wait_until(lambda: len(acked) >= 150, 30, what="150 acknowledged writes")
+        leader = cluster.leader_proc()
+        others = [s for s in cluster.servers if s is not leader]
+        assert leader.proc is not None
+        leader.proc.send_signal(signal.SIGSTOP)
+        try:
+            stale: dict[str, httpx.Response | Exception] = {}
+
+            def write_to_the_cut_off_leader() -> None:
+                try:
+                    stale["resp"] = httpx.put(f"{leader.url}/v1/kv/stale/at-old-leader", content=b"1", timeout=60)
+                except httpx.HTTPError as exc:
+                    stale["resp"] = exc
+
+            stale_writer = threading.Thread(target=write_to_the_cut_off_leader)
+            stale_writer.start()
+
+            def elected() -> str:
+                seen = {o.leader() for o in others}
+                return seen.pop() if len(seen) == 1 and not seen & {"", leader.raft_addr} else ""
+
+            new_leader = wait_until(elected, 30, 0.1, "the other two elect a leader")
+            count = len(acked)
+            wait_until(lambda: len(acked) >= count + 150, 30, what="writes acknowledged by the majority")
+            intention = others[0].put("/v1/connect/intentions/exact?source=cut&destination=off", json={"Action": "deny"})
+            assert intention.status_code == 200, intention.text
+        finally:
+            leader.proc.send_signal(signal.SIGCONT)
+        stale_writer.join(70)
+        wait_until(lambda: {s.leader() for s in cluster.servers} == {new_leader}, 30, 0.1,
+                   "the old leader follows the new one")
+        count = len(acked)
+        wait_until(lambda: len(acked) >= count + 50, 30, what="writes after the cut healed")
+    finally:
+        stop.set()
+        for w in writers:
+            w.join(60)
+    expected = set(acked)
+    resp = stale["resp"]
+    print("cut off:", len(acked), "acked,", len(errors), "errors; the write held at the old leader got",
+          resp if isinstance(resp, Exception) else f"{resp.status_code} {resp.text[:80]}")
+    if isinstance(resp, httpx.Response) and resp.status_code == 200 and resp.json() is True:
+        expected.add("stale/at-old-leader")  # acknowledged late: then it was committed, and must be kept
+    for server in cluster.servers:
+        wait_until(lambda s=server: expected - {"stale/at-old-leader"} <= all_keys(s, "cut"), 30,
+                   what=f"every acked write on {server.name}")
+        if "stale/at-old-leader" in expected:
+            assert server.get("/v1/kv/stale/at-old-leader?stale").status_code == 200, server.name
+        got = server.get("/v1/connect/intentions/exact?source=cut&destination=off&stale")
+        assert got.status_code == 200 and got.json()["Action"] == "deny", (server.name, got.text)
 
 
 def test_all_servers_killed_and_restarted_keep_catalog(cluster: Cluster) -> None:
