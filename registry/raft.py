@@ -898,7 +898,15 @@ class RaftLog(ConsensusLog):
                             os.fsync(fd)
                         finally:
                             os.close(fd)
-            except Exception as exc:  # keep flushing; a transient error is logged, not fatal
+            except FileNotFoundError:
+                continue  # a file replaced by compaction between the check and the open
+            except OSError as exc:
+                if self._closing.is_set():
+                    return  # files closed under us by a shutdown
+                # A failed fsync may have dropped the dirty pages it could not write (Linux marks
+                # them clean), so carrying on would let a power loss take acknowledged writes.
+                stop_on_storage_failure("flushing the Raft journal to disk", journal_path, exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. the journal closed under us at shutdown
                 log.warning("journal flush failed: %s", exc)
 
     # -- membership ---------------------------------------------------------------------------

@@ -180,3 +180,44 @@ def test_a_vote_that_cannot_be_stored_stops_the_server(tmp_path: Path, monkeypat
         meta.storeMeta({"currentTerm": 4, "votedForNodeId": "b"})
     assert stops == [raft.STORAGE_FAILED_EXIT]
     assert meta.getMeta()["currentTerm"] == 3  # the old vote stands; the new one was never claimed
+
+
+def _flusher(tmp_path: Path) -> raft.RaftLog:
+    settings = raft.RaftSettings(data_dir=str(tmp_path), self_addr="127.0.0.1:1", peers=[], password="k",
+                                 flush_interval=0.005)
+    (tmp_path / "raft.journal").write_bytes(b"\0" * 64)
+    return raft.RaftLog(settings)
+
+
+def test_a_failed_fsync_stops_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stops: list[int]) -> None:
+    """After a failed fsync Linux may have dropped the pages it could not write: carrying on would
+    leave acknowledged entries to the next power loss."""
+    log = _flusher(tmp_path)
+    failures = []
+
+    def eio(fd: int) -> None:
+        failures.append(fd)
+        if len(failures) >= 20:
+            log._closing.set()  # bound the loop if the failure were only logged
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(Stopped):
+        log._flush_loop()
+    assert stops == [raft.STORAGE_FAILED_EXIT] and len(failures) == 1
+
+
+def test_a_file_gone_between_check_and_open_is_not_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             stops: list[int]) -> None:
+    log = _flusher(tmp_path)
+    calls = []
+
+    def gone(path: str, flags: int) -> int:
+        calls.append(path)
+        if len(calls) >= 5:
+            log._closing.set()
+        raise FileNotFoundError(errno.ENOENT, "replaced by compaction", path)
+
+    monkeypatch.setattr(os, "open", gone)
+    log._flush_loop()  # returns once closing
+    assert stops == [] and len(calls) >= 5
