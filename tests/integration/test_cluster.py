@@ -26,17 +26,23 @@ def kv_client(server) -> consul.Consul:  # noqa: ANN001
     return consul.Consul(host="127.0.0.1", port=server.http_port, connections_timeout=10)
 
 
-def write_stream(urls: list[str], prefix: str, stop: threading.Event, acked: list[str], errors: list[str]) -> None:
-    """Write keys one after another, each retried on another server until acknowledged."""
+def write_stream(urls: list[str], prefix: str, stop: threading.Event, acked: list[str], errors: list[str],
+                 timeout: float = 5.0, shun_for: float = 0.0) -> None:
+    """Write keys one after another, each retried on another server until acknowledged. With
+    `shun_for`, a server that failed to answer is avoided for that long, as a client would."""
+    shunned: dict[str, float] = {}  # url -> until when it is avoided
     i = 0
-    with httpx.Client(timeout=5.0) as client:
+    with httpx.Client(timeout=timeout) as client:
         while not stop.is_set() and i < 5000:
             key = f"{prefix}/{i:05d}"
             for attempt in range(60):
-                url = urls[(i + attempt) % len(urls)]
+                fresh = [u for u in urls if shunned.get(u, 0) < time.monotonic()] or urls
+                url = fresh[(i + attempt) % len(fresh)]
                 try:
                     resp = client.put(f"{url}/v1/kv/{key}", content=key.encode())
                 except httpx.HTTPError as exc:
+                    if shun_for:
+                        shunned[url] = time.monotonic() + shun_for
                     errors.append(repr(exc))
                     continue
                 if resp.status_code == 200 and resp.json() is True:
@@ -134,31 +140,8 @@ def test_a_leader_cut_off_and_back_acknowledges_only_what_the_majority_kept(clus
     what the majority committed, and every acknowledged write and intention is on every server."""
     urls = [s.url for s in cluster.servers]
     stop, acked, errors = threading.Event(), [], []
-    shunned: dict[str, float] = {}  # url -> until when the writers avoid it (it timed out)
-
-    def writer(prefix: str) -> None:
-        """Like write_stream, but a server that timed out is avoided for 3 s, as a client would."""
-        with httpx.Client(timeout=2.0) as client:
-            for i in range(5000):
-                if stop.is_set():
-                    return
-                key = f"{prefix}/{i:05d}"
-                for attempt in range(60):
-                    fresh = [u for u in urls if shunned.get(u, 0) < time.monotonic()] or urls
-                    url = fresh[(i + attempt) % len(fresh)]
-                    try:
-                        resp = client.put(f"{url}/v1/kv/{key}", content=key.encode())
-                    except httpx.HTTPError as exc:
-                        shunned[url] = time.monotonic() + 3.0
-                        errors.append(repr(exc))
-                        continue
-                    if resp.status_code == 200 and resp.json() is True:
-                        acked.append(key)
-                        break
-                    errors.append(f"{resp.status_code} {resp.text[:80]}")
-                    time.sleep(0.1)
-
-    writers = [threading.Thread(target=writer, args=(f"cut{n}",)) for n in range(3)]
+    writers = [threading.Thread(target=write_stream, args=(urls, f"cut{n}", stop, acked, errors),
+                                kwargs={"timeout": 2.0, "shun_for": 3.0}) for n in range(3)]
     for w in writers:
         w.start()
     try:
